@@ -1,0 +1,122 @@
+"""Configuration: frozen dataclasses, one docstring per field; the CLI is generated from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["BootstrapArgs", "ConfigError", "TrainConfig", "validate"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Improve a policy by tree search and preference learning, iteration after iteration."""
+
+    env: Literal["math"] = "math"
+    """Environment to train on."""
+    model: str | None = None
+    """Local transformers model directory; the embedded default model when omitted."""
+    iterations: int = 3
+    """Search → train → evaluate iterations."""
+    seed: int = 0
+    """Seed for tasks, sampling and training order (and the default model's bootstrap)."""
+    name: str | None = None
+    """Run name (a directory under --runs-dir); default: <env>-<timestamp>."""
+    runs_dir: str = "runs"
+    """Directory that holds run directories."""
+    task_file: str | None = None
+    """GSM8K or MATH JSONL file of tasks for training and evaluation (default: generated arithmetic)."""
+
+    # search
+    search: Literal["mcts"] = "mcts"
+    """Search algorithm."""
+    tasks_per_iteration: int = 1024
+    """Training tasks searched per iteration (fresh ones each iteration)."""
+    simulations: int = 8
+    """MCTS simulations per task."""
+    num_candidates: int = 4
+    """Next steps sampled per expanded node (K)."""
+    c_puct: float = 1.0
+    """PUCT exploration constant."""
+    temperature: float = 1.0
+    """Sampling temperature for expansions and rollouts."""
+    rollouts: int = 1
+    """Policy rollouts to the end per new open node (its value is their mean reward)."""
+    max_depth: int = 12
+    """Deepest node (steps from the root) that is still expanded."""
+    step_max_tokens: int = 32
+    """Token cap for one step."""
+    min_q_gap: float = 0.5
+    """Smallest Q difference between best and worst sibling that yields a pair."""
+
+    # training
+    beta: float = 0.01
+    """DPO beta (strength of the preference term; larger values hurt the tiny default, see README)."""
+    lr: float = 1e-4
+    """Learning rate for preference training."""
+    epochs: int = 2
+    """Epochs over each iteration's pairs."""
+    batch_size: int = 16
+    """Pairs per optimiser step."""
+    sft_weight: float = 1.0
+    """Weight of the NLL term (RPO) on verified-correct solutions found by the search; 0: plain DPO."""
+    sft_per_task: int = 2
+    """Most distinct correct solutions per task in the NLL term."""
+
+    # evaluation and hardware
+    heldout_size: int = 500
+    """Held-out problems evaluated greedily after every iteration (and before the first)."""
+    max_new_tokens: int = 96
+    """Token cap for a whole solution (rollouts and evaluation)."""
+    device: str = "cpu"
+    """Torch device for the policy (cpu, cuda, cuda:1, ...)."""
+    threads: int = 0
+    """CPU threads for torch (0: all cores)."""
+
+
+@dataclass(frozen=True)
+class BootstrapArgs:
+    """Build (or find in the cache) the embedded default model and report its accuracy."""
+
+    seed: int = 0
+    """Seed of the default model."""
+    heldout_size: int = 500
+    """Held-out problems to report accuracy on."""
+
+
+_POSITIVE_INT = ("iterations", "tasks_per_iteration", "simulations", "num_candidates", "rollouts",
+                 "sft_per_task", "max_depth", "step_max_tokens", "epochs", "batch_size", "heldout_size",
+                 "max_new_tokens")
+_POSITIVE_FLOAT = ("beta", "lr")
+_NON_NEGATIVE_FLOAT = ("c_puct", "temperature", "sft_weight", "min_q_gap")
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with ``cfg``, each as one line naming the flag and what is expected."""
+    problems = []
+    for name in _POSITIVE_INT:
+        v = getattr(cfg, name)
+        if v < 1:
+            problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    for name in _POSITIVE_FLOAT:
+        v = getattr(cfg, name)
+        if not v > 0:
+            problems.append(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    for name in _NON_NEGATIVE_FLOAT:
+        v = getattr(cfg, name)
+        if not v >= 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if cfg.threads < 0:
+        problems.append(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name.startswith(".")):
+        problems.append(f"--name {cfg.name!r} must be a plain directory name (no '/', not starting with '.')")
+    return problems
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,249 @@
+"""The embedded default: a tiny Llama-style model trained from scratch on generated arithmetic.
+
+``bootstrap(config)`` builds a character-level tokenizer and a ~0.5M-parameter causal LM, trains
+it with supervised fine-tuning on procedurally generated problems (prompt tokens masked, one
+difficulty level per batch, AdamW with warmup and cosine decay) and stops as soon as a quick
+greedy evaluation reaches ``target_accuracy``: early enough that search and preference learning
+still have room to improve it. Everything is seeded, so the same config gives the same weights;
+the result is saved in the ordinary transformers format and cached under a key derived from the
+config, so a second call returns at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from envs import ARITHMETIC_LEVELS, arithmetic_tasks, heldout_arithmetic_tasks
+
+__all__ = ["BootstrapConfig", "CHARS", "bootstrap", "build_model", "build_tokenizer", "default_cache_dir"]
+
+CHARS = "0123456789+-*=()# \n"
+"""Every character of the arithmetic tasks; the vocabulary is these plus pad, eos and unk."""
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+FORMAT_VERSION = 1
+"""Bumped whenever a change to this file changes the trained weights; part of the cache key."""
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """How the embedded default model is built and trained."""
+
+    seed: int = 0
+    """Seed for initialisation, data and training order."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 3
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block."""
+    intermediate_size: int = 320
+    """Width of the MLP."""
+    batch_size: int = 32
+    """Problems per SFT step (all of one difficulty level)."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 100
+    """Linear warmup steps before cosine decay."""
+    max_steps: int = 2400
+    """Upper bound on SFT steps (also the length of the cosine schedule)."""
+    eval_every: int = 100
+    """Steps between quick evaluations."""
+    target_accuracy: float = 0.5
+    """Stop as soon as the quick evaluation reaches this greedy accuracy."""
+    quick_eval_size: int = 200
+    """Problems in the quick evaluation (distinct from the held-out set)."""
+    levels: tuple[int, ...] = ARITHMETIC_LEVELS
+    """Difficulty levels (number of operations) trained on."""
+
+
+def default_cache_dir() -> Path:
+    """``$ENGINE_CACHE`` if set, else ``~/.cache/engine``."""
+    return Path(os.environ.get("ENGINE_CACHE") or Path.home() / ".cache" / "engine")
+
+
+def cache_key(config: BootstrapConfig) -> str:
+    blob = json.dumps({"v": FORMAT_VERSION, **dataclasses.asdict(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` that ``AutoTokenizer`` can reload."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARS:
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="left", clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model(config: BootstrapConfig, vocab_size: int, pad_id: int, eos_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def greedy_accuracy(policy, tasks: list[dict], max_new_tokens: int = 96) -> np.ndarray:
+    """Per-task 0/1 correctness of the greedy solution (the verifier judges the text)."""
+    from envs import verify
+
+    samples = policy.generate([t["prompt"] for t in tasks], temperature=0.0,
+                              max_new_tokens=max_new_tokens, stop=None)
+    return np.array([verify(s[0].text, t["answer"]).correct for s, t in zip(samples, tasks)], float)
+
+
+def _batch(tasks: list[dict], char_ids: dict[str, int], eos_id: int, pad_id: int):
+    seqs, labels = [], []
+    for t in tasks:
+        p = [char_ids[c] for c in t["prompt"]]
+        s = [char_ids[c] for c in t["solution"]] + [eos_id]
+        seqs.append(p + s)
+        labels.append([-100] * len(p) + s)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (s, lb) in enumerate(zip(seqs, labels)):
+        ids[r, : len(s)] = torch.tensor(s)
+        lab[r, : len(s)] = torch.tensor(lb)
+        mask[r, : len(s)] = 1
+    return ids, mask, lab
+
+
+def train_tiny_model(
+    config: BootstrapConfig, out_dir: Path, log: Callable[[str], None] = print
+) -> dict:
+    """Train from scratch and save model + tokenizer to ``out_dir``; returns a summary dict."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from engine.policy import TransformersPolicy
+
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    tok = build_tokenizer()
+    model = build_model(config, len(tok), tok.pad_token_id, tok.eos_token_id)
+    torch.manual_seed(config.seed)
+    model.apply(model._init_weights)
+    n_params = sum(p.numel() for p in model.parameters())
+    char_ids = {c: tok.convert_tokens_to_ids(c) for c in CHARS}
+
+    heldout = {t["prompt"] for t in heldout_arithmetic_tasks(500, config.levels)}
+    quick_stream = arithmetic_tasks(config.seed + 7_000_001, config.levels, exclude=heldout)
+    quick = [next(quick_stream) for _ in range(config.quick_eval_size)]
+    exclude = heldout | {t["prompt"] for t in quick}
+    streams = {lv: arithmetic_tasks(config.seed * 1000 + lv, (lv,), exclude=exclude) for lv in config.levels}
+    policy = TransformersPolicy(model, tok, batch_size=256)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        frac = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    acc, step, tokens, history = 0.0, 0, 0, []
+    with Progress(TextColumn("[bold]bootstrap SFT"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task_id = bar.add_task("sft", total=config.max_steps, info="")
+        for step in range(1, config.max_steps + 1):
+            model.train()
+            level = config.levels[(step - 1) % len(config.levels)]
+            batch = [next(streams[level]) for _ in range(config.batch_size)]
+            ids, mask, lab = _batch(batch, char_ids, tok.eos_token_id, tok.pad_token_id)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step - 1)
+            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            tokens += int(mask.sum())
+            loss_v = loss.item()
+            if step % config.eval_every == 0:
+                acc = float(greedy_accuracy(policy, quick).mean())
+                history.append({"step": step, "loss": loss_v, "quick_accuracy": acc})
+                bar.console.print(f"  step {step}: loss {loss_v:.3f}, quick greedy accuracy {acc:.1%} "
+                                  f"({time.time() - t0:.0f}s)")
+            bar.update(task_id, completed=step, info=f"loss {loss_v:.3f}  quick acc {acc:.0%}")
+            if step % config.eval_every == 0 and acc >= config.target_accuracy:
+                break
+    wall = time.time() - t0
+    summary = {
+        "steps": step,
+        "quick_accuracy": acc,
+        "parameters": n_params,
+        "train_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "wall_s": wall,
+        "config": dataclasses.asdict(config),
+        "history": history,
+    }
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "bootstrap.json").write_text(json.dumps(summary, indent=2))
+    log(f"trained {n_params / 1e6:.2f}M parameters for {step} steps in {wall:.0f}s; "
+        f"quick greedy accuracy {acc:.1%}")
+    return summary
+
+
+def bootstrap(
+    config: BootstrapConfig = BootstrapConfig(),
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The directory of the trained default model for ``config``, training it if not cached."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / f"tiny-{cache_key(config)}"
+    if (target / "bootstrap.json").is_file():
+        log(f"default model: cached at {target}")
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    log(f"default model: not cached; training it into {target}")
+    try:
+        train_tiny_model(config, tmp, log)
+        if target.exists():  # another process finished first; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"default model: saved at {target}")
+    return target

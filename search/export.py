@@ -1,0 +1,59 @@
+"""Trees to and from JSON, and to networkx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from search.tree import Tree
+
+__all__ = ["tree_from_dict", "tree_to_dict", "to_networkx"]
+
+_FIELDS = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior",
+           "reward", "terminal")
+
+
+def tree_to_dict(tree: Tree, b: int, *, meta: dict[str, Any] | None = None) -> dict:
+    """Tree ``b`` as plain JSON-able data (states are not included: they may not be JSON)."""
+    n = int(tree.node_count[b])
+    out: dict[str, Any] = {name: getattr(tree, name)[b, :n].tolist() for name in _FIELDS}
+    out["texts"] = list(tree.texts[b][:n])
+    if meta:
+        out["meta"] = meta
+    return out
+
+
+def tree_from_dict(data: dict) -> Tree:
+    """A one-tree :class:`Tree` rebuilt from :func:`tree_to_dict` output (states are None)."""
+    n = len(data["texts"])
+    tree = Tree(1, capacity=max(n, 2))
+    for name in _FIELDS:
+        arr = getattr(tree, name)
+        arr[0, :n] = np.asarray(data[name], dtype=arr.dtype)
+    tree.node_count[0] = n
+    tree.texts = [list(data["texts"])]
+    tree.states = [[None] * n]
+    return tree
+
+
+def to_networkx(tree: Tree, b: int = 0):
+    """Tree ``b`` as a ``networkx.DiGraph`` with node attributes text, visits, q, prior, reward,
+    terminal, depth."""
+    import networkx as nx  # imported here: only this export needs it
+
+    g = nx.DiGraph()
+    for i in range(int(tree.node_count[b])):
+        g.add_node(
+            i,
+            text=tree.texts[b][i],
+            visits=int(tree.visits[b, i]),
+            q=tree.q(b, i),
+            prior=float(tree.prior[b, i]),
+            reward=float(tree.reward[b, i]),
+            terminal=bool(tree.terminal[b, i]),
+            depth=int(tree.depth[b, i]),
+        )
+        if tree.parent[b, i] >= 0:
+            g.add_edge(int(tree.parent[b, i]), i)
+    return g

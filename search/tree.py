@@ -1,0 +1,135 @@
+"""A batch of search trees stored as a structure of arrays (after mctx's ``Tree``).
+
+Every array has shape ``[B, N]``: ``B`` trees searched together, ``N`` node slots per tree (grown
+by doubling). Node ``ROOT_INDEX`` (0) is each tree's root; a node's children occupy the contiguous
+range ``first_child[b, i] : first_child[b, i] + num_children[b, i]``. The text of the step that
+leads to a node and any environment state live in the side lists ``texts[b][i]`` and
+``states[b][i]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["NO_PARENT", "ROOT_INDEX", "Tree"]
+
+ROOT_INDEX = 0
+NO_PARENT = -1
+
+
+class Tree:
+    """``B`` search trees, one per task.
+
+    Attributes (all ``[B, N]`` unless noted):
+        parent: index of the parent node, ``NO_PARENT`` for roots and unused slots.
+        depth: number of steps from the root (root = 0).
+        first_child: index of the first child, -1 while unexpanded.
+        num_children: number of children (0 for leaves).
+        visits: visit count N.
+        value_sum: sum of backed-up values W (Q = W / N).
+        prior: prior probability of the step leading to the node (P in PUCT).
+        reward: reward the environment gave for the step leading to the node.
+        terminal: True when the step ended the episode.
+        node_count: ``[B]`` number of used slots per tree.
+        texts, states: ``B`` lists of per-node step text and environment state.
+    """
+
+    def __init__(self, batch_size: int, capacity: int = 64, root_states: Sequence[Any] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        capacity = max(int(capacity), 2)
+        b = batch_size
+        self.parent = np.full((b, capacity), NO_PARENT, np.int32)
+        self.depth = np.zeros((b, capacity), np.int32)
+        self.first_child = np.full((b, capacity), -1, np.int32)
+        self.num_children = np.zeros((b, capacity), np.int32)
+        self.visits = np.zeros((b, capacity), np.int32)
+        self.value_sum = np.zeros((b, capacity), np.float64)
+        self.prior = np.zeros((b, capacity), np.float64)
+        self.reward = np.zeros((b, capacity), np.float64)
+        self.terminal = np.zeros((b, capacity), np.bool_)
+        self.node_count = np.ones(b, np.int32)
+        self.prior[:, ROOT_INDEX] = 1.0
+        self.texts: list[list[str]] = [[""] for _ in range(b)]
+        states = list(root_states) if root_states is not None else [None] * b
+        if len(states) != b:
+            raise ValueError(f"got {len(states)} root states for {b} trees")
+        self.states: list[list[Any]] = [[s] for s in states]
+
+    _ARRAYS = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior",
+               "reward", "terminal")
+    _FILL = {"parent": NO_PARENT, "first_child": -1}
+
+    @property
+    def batch_size(self) -> int:
+        return self.parent.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.parent.shape[1]
+
+    def _ensure_capacity(self, needed: int) -> None:
+        cap = self.capacity
+        if needed <= cap:
+            return
+        while cap < needed:
+            cap *= 2
+        for name in self._ARRAYS:
+            old = getattr(self, name)
+            new = np.full((old.shape[0], cap), self._FILL.get(name, 0), old.dtype)
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+    def add_children(
+        self,
+        b: int,
+        node: int,
+        texts: Sequence[str],
+        priors: Sequence[float],
+        rewards: Sequence[float],
+        terminals: Sequence[bool],
+        states: Sequence[Any] | None = None,
+    ) -> range:
+        """Attach ``len(texts)`` children to ``node`` of tree ``b``; returns their indices."""
+        if self.num_children[b, node] > 0:
+            raise ValueError(f"node {node} of tree {b} is already expanded")
+        k = len(texts)
+        start = int(self.node_count[b])
+        self._ensure_capacity(start + k)
+        sl = slice(start, start + k)
+        self.parent[b, sl] = node
+        self.depth[b, sl] = self.depth[b, node] + 1
+        self.prior[b, sl] = priors
+        self.reward[b, sl] = rewards
+        self.terminal[b, sl] = terminals
+        self.first_child[b, node] = start if k else -1
+        self.num_children[b, node] = k
+        self.node_count[b] = start + k
+        self.texts[b].extend(texts)
+        self.states[b].extend(states if states is not None else [None] * k)
+        return range(start, start + k)
+
+    def children(self, b: int, node: int) -> range:
+        first = int(self.first_child[b, node])
+        return range(first, first + int(self.num_children[b, node])) if first >= 0 else range(0)
+
+    def q(self, b: int, node: int) -> float:
+        """Mean backed-up value of a node (0 when unvisited)."""
+        n = self.visits[b, node]
+        return float(self.value_sum[b, node] / n) if n else 0.0
+
+    def path(self, b: int, node: int) -> list[int]:
+        """Node indices from the root's first step down to ``node`` (the root itself excluded)."""
+        out = []
+        while node != ROOT_INDEX and node != NO_PARENT:
+            out.append(int(node))
+            node = int(self.parent[b, node])
+        return out[::-1]
+
+    def prefix_text(self, b: int, node: int) -> str:
+        """The concatenated step texts from the root to ``node``."""
+        texts = self.texts[b]
+        return "".join(texts[i] for i in self.path(b, node))

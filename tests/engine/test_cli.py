@@ -1,0 +1,93 @@
+"""The `engine` command: one end-to-end smoke run and every bad-input path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENGINE = [sys.executable, "-m", "engine.cli"]
+SMOKE = ["--iterations", "1", "--tasks-per-iteration", "6", "--simulations", "2", "--heldout-size", "12",
+         "--num-candidates", "3", "--max-new-tokens", "48", "--threads", "2"]
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run([*ENGINE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_train_smoke(tmp_path, trained_model_dir):
+    out = run_cli("train", "--env", "math", "--model", str(trained_model_dir), "--runs-dir", str(tmp_path),
+                  "--name", "smoke", "--seed", "3", *SMOKE)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = tmp_path / "smoke"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for r in rows:
+        assert {"iteration", "heldout_accuracy", "num_pairs", "wall_s", "heldout_by_level"} <= set(r)
+        assert 0.0 <= r["heldout_accuracy"] <= 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["seed"] == 3 and config["tasks_per_iteration"] == 6
+    it = run / "iter_001"
+    trees = json.loads((it / "trees.json").read_text())
+    assert len(trees) == 6 and all(t["visits"][0] >= 2 for t in trees)
+    for line in (it / "pairs.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["chosen_q"] - rec["rejected_q"] >= 0.5 and rec["iteration"] == 1
+    assert (it / "model" / "config.json").is_file() and (it / "model" / "tokenizer.json").is_file()
+    assert (run / "curves.png").stat().st_size > 1000
+    assert "held-out accuracy" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--iterations", "0"], "--iterations must be a positive integer"),
+        (["--iterations", "-2", "--lr", "0"], "--lr must be > 0"),
+        (["--model", "/nonexistent/model"], "not a transformers model directory"),
+        (["--task-file", "/nonexistent.jsonl"], "does not exist"),
+        (["--name", "../escape"], "plain directory name"),
+    ],
+)
+def test_bad_flags_exit_2_and_write_nothing(tmp_path, args, needle):
+    runs = tmp_path / "runs"
+    out = run_cli("train", "--env", "math", "--runs-dir", str(runs), *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert needle in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.startswith("error:")]) >= 1
+    assert not runs.exists()
+
+
+def test_unknown_env_exits_2(tmp_path):
+    out = run_cli("train", "--env", "chess", "--runs-dir", str(tmp_path / "r"))
+    assert out.returncode == 2 and "chess" in out.stdout + out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_model_directory(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "not-a-model"}')
+    out = run_cli("train", "--model", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r"), *SMOKE)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot be loaded as a causal LM" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_runs_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = run_cli("train", "--runs-dir", str(blocker / "runs"))
+    assert out.returncode == 2 and "not a directory" in out.stderr
+    out = run_cli("train", "--runs-dir", "/proc/engine-runs")
+    assert out.returncode == 2 and "not writable" in out.stderr
+
+
+def test_existing_run_name_is_refused(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("precious")
+    out = run_cli("train", "--runs-dir", str(tmp_path), "--name", "taken")
+    assert out.returncode == 2 and "already exists" in out.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]

@@ -1,0 +1,120 @@
+"""MCTS, extraction and export with a scripted policy on the math env."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from envs import MathEnv
+from search import (
+    Candidate,
+    Tree,
+    extract_pairs,
+    extract_trajectories,
+    mcts,
+    merge_candidates,
+    to_networkx,
+    tree_from_dict,
+    tree_to_dict,
+)
+
+GOLDEN = Path(__file__).with_name("golden_mcts_tree.json")
+TASK = {"task_id": "t0", "prompt": "(12+5)*3\n", "answer": "51", "level": 2}
+
+
+def scripted(tree, env):
+    """Candidates: the right next line, a wrong one and a repeat of the right one."""
+    def expand_fn(t, tb, nb):
+        out = []
+        for b, n in zip(tb, nb):
+            depth = int(t.depth[b, n])
+            options = [["12+5=17\n", "12+5=18\n", "12+5=17\n"], ["17*3=51\n", "17*3=41\n"],
+                       ["#### 51\n", "#### 50\n"]][min(depth, 2)]
+            cands = []
+            for j, text in enumerate(options):
+                env.set_state(t.states[b][n])
+                _, r, term, trunc, _ = env.step(text)
+                cands.append(Candidate(text, logprob=-1.0 - j, num_tokens=8, reward=r, terminal=term or trunc,
+                                       state=env.get_state()))
+            out.append(cands)
+        return out
+
+    def evaluate_fn(t, tb, nb):  # an honest oracle: is the prefix still on the right track?
+        return np.array([float("18" not in t.prefix_text(b, n) and "41" not in t.prefix_text(b, n))
+                         for b, n in zip(tb, nb)])
+
+    return expand_fn, evaluate_fn
+
+
+def run_search(sims=12):
+    env = MathEnv()
+    env.reset(options={"task": TASK})
+    tree = Tree(1, capacity=4, root_states=[env.get_state()])
+    expand_fn, evaluate_fn = scripted(tree, env)
+    return mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=sims, c_puct=1.0)
+
+
+def test_mcts_finds_the_correct_path_and_dedupes():
+    tree = run_search()
+    root_kids = list(tree.children(0, 0))
+    assert [tree.texts[0][i] for i in root_kids] == ["12+5=17\n", "12+5=18\n"]  # repeat merged
+    assert tree.q(0, root_kids[0]) > tree.q(0, root_kids[1])
+    trajs = extract_trajectories(tree, prompts=[TASK["prompt"]], task_ids=["t0"])
+    good = [t for t in trajs if t["correct"]]
+    assert good and good[0]["steps"] == ["12+5=17\n", "17*3=51\n", "#### 51\n"]
+
+
+def test_pairs_prefer_correct_steps():
+    tree = run_search()
+    pairs = extract_pairs(tree, prompts=[TASK["prompt"]], task_ids=["t0"], iteration=3, min_q_gap=0.5)
+    assert pairs, "a search that found right and wrong steps must yield pairs"
+    keys = {"prompt", "prefix", "chosen", "rejected", "chosen_q", "rejected_q", "chosen_visits",
+            "rejected_visits", "task_id", "node_id", "iteration"}
+    for p in pairs:
+        assert set(p) == keys and p["iteration"] == 3
+        assert p["chosen_q"] - p["rejected_q"] >= 0.5
+        assert p["chosen"] in {"12+5=17\n", "17*3=51\n", "#### 51\n"}
+    root_pair = next(p for p in pairs if p["prefix"] == "")
+    assert (root_pair["chosen"], root_pair["rejected"]) == ("12+5=17\n", "12+5=18\n")
+
+
+def test_golden_tree():
+    """A seeded, scripted search is fully deterministic; its tree is stored as JSON."""
+    data = tree_to_dict(run_search(), 0)
+    if os.environ.get("UPDATE_GOLDEN"):  # regenerate deliberately, then review the diff
+        GOLDEN.write_text(json.dumps(data, indent=1))
+    assert data == json.loads(GOLDEN.read_text())
+
+
+def test_export_round_trip_and_networkx():
+    tree = run_search()
+    data = tree_to_dict(tree, 0, meta={"task_id": "t0"})
+    again = tree_to_dict(tree_from_dict(json.loads(json.dumps(data))), 0, meta={"task_id": "t0"})
+    assert again == data
+    g = to_networkx(tree, 0)
+    assert g.number_of_nodes() == tree.node_count[0] and g.number_of_edges() == tree.node_count[0] - 1
+    assert g.nodes[1]["text"] == "12+5=17\n" and g.nodes[1]["visits"] == tree.visits[0, 1]
+
+
+def test_merge_candidates_priors():
+    kept, pri = merge_candidates([Candidate("a", -2.0, 2), Candidate("b", -4.0, 2), Candidate("a", -2.0, 2)])
+    assert [c.text for c in kept] == ["a", "b"]
+    assert pri == pytest.approx(np.exp([-1, -2]) / np.exp([-1, -2]).sum())
+
+
+def test_bad_arguments():
+    tree = Tree(1)
+    with pytest.raises(ValueError):
+        mcts(tree, expand_fn=None, evaluate_fn=None, num_simulations=-1)
+    with pytest.raises(ValueError):
+        mcts(tree, expand_fn=None, evaluate_fn=None, num_simulations=1, c_puct=float("nan"))
+
+
+def test_search_imports_without_torch():
+    code = "import sys, search; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from engine.policy import TransformersPolicy
+from trainers import DPOConfig, pad_sequences, sequence_logps, tokenize_pairs, train_dpo
+
+
+def encode_chars(texts):
+    return [[ord(c) for c in t] for t in texts]
+
+
+def test_tokenize_pairs_boundaries_and_truncation():
+    recs = [
+        {"prompt": "abc\n", "prefix": "de\n", "chosen": "fg\n", "rejected": "x\n"},
+        {"prompt": "p" * 50, "prefix": "", "chosen": "ok", "rejected": "no"},
+        {"prompt": "p", "prefix": "", "chosen": "c" * 30, "rejected": "r"},
+    ]
+    pairs, stats = tokenize_pairs(recs, encode_chars, max_length=20)
+    assert stats.kept == 2 and stats.truncated == 1 and stats.skipped == 1
+    assert pairs[0].context == encode_chars(["abc\nde\n"])[0]
+    assert pairs[0].chosen == encode_chars(["fg\n"])[0] and pairs[0].rejected == encode_chars(["x\n"])[0]
+    assert len(pairs[1].context) == 18 and pairs[1].context[-1] == ord("p")  # cut from the left
+    ids, attn, loss = pad_sequences([[1, 2], [3]], [[4], [5, 6]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 4], [3, 5, 6]] and loss.tolist() == [[0, 0, 1], [0, 1, 1]]
+    assert attn.tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_sequence_logps_equal_policy_scores(tiny_random):
+    model, tok = tiny_random
+    policy = TransformersPolicy(model, tok)
+    prompts, conts = ["12+3\n", "(1+2)*3\n1+2=3\n"], ["12+3=15\n", "3*3=9\n#### 9\n"]
+    enc = lambda ts: [list(x) for x in tok(ts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    with torch.no_grad():
+        got, lengths = sequence_logps(model, enc(prompts), enc(conts), tok.pad_token_id, torch.device("cpu"))
+    np.testing.assert_allclose(got.numpy(), policy.logprobs(prompts, conts), rtol=1e-5, atol=1e-5)
+    assert lengths.tolist() == [8, 13]
+
+
+def test_train_dpo_raises_margin_and_writes_trl_metrics(tiny_random):
+    model, tok = tiny_random
+    recs = [{"prompt": f"{a}+{b}\n", "prefix": "", "chosen": f"{a}+{b}={a + b}\n", "rejected": f"{a}+{b}={a + b + 1}\n"}
+            for a in range(3, 9) for b in range(2, 6)]
+    policy = TransformersPolicy(model, tok)
+
+    def margin():
+        p = [r["prompt"] for r in recs]
+        return float(np.mean(policy.logprobs(p, [r["chosen"] for r in recs])
+                             - policy.logprobs(p, [r["rejected"] for r in recs])))
+
+    before = margin()
+    summary = train_dpo(model, tok, recs, DPOConfig(lr=3e-3, epochs=6, batch_size=8, beta=0.1))
+    assert margin() > before + 0.5
+    first, last = summary["steps"][0], summary["steps"][-1]
+    assert last["loss"] < first["loss"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "loss"} <= set(last)
+    assert summary["pairs"] == len(recs)
+
+
+def test_train_dpo_rejects_bad_beta(tiny_random):
+    model, tok = tiny_random
+    with pytest.raises(ValueError, match="beta"):
+        train_dpo(model, tok, [], DPOConfig(beta=0.0))
