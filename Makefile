@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint
+.PHONY: setup train test lint bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +23,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+# Benchmarks print a comparison measured in one run; llm-reasoners is a reference only (no deps).
+bench: setup
+	$(PY) -m pip install -q --no-deps llm-reasoners
+	$(PY) benchmarks/tree_ops.py
+	$(PY) benchmarks/search_overhead.py

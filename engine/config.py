@@ -33,12 +33,34 @@ class TrainConfig:
     """GSM8K or MATH JSONL file of tasks for training and evaluation (default: generated arithmetic)."""
 
     # search
-    search: Literal["mcts"] = "mcts"
-    """Search algorithm."""
+    search: Literal["mcts", "tot-bfs", "tot-dfs", "sample"] = "mcts"
+    """Search algorithm: MCTS, Tree-of-Thoughts breadth-first (beam) or depth-first (pruned), or
+    plain sampling of whole solutions (the instance-level baseline)."""
+    leaf_eval: Literal["rollout", "outcome", "self-eval", "mix"] = "rollout"
+    """How open nodes are valued: policy rollouts to the end, none (terminal outcome only, MCTS),
+    the policy's self-evaluation (MCTS-DPO), or alpha * rollout + (1 - alpha) * self-evaluation."""
     tasks_per_iteration: int = 1024
     """Training tasks searched per iteration (fresh ones each iteration)."""
     simulations: int = 8
-    """MCTS simulations per task."""
+    """Search budget per task: MCTS simulations, ToT-DFS expansions, or solutions sampled."""
+    rule: Literal["puct", "uct"] = "puct"
+    """MCTS selection rule: PUCT (AlphaZero, MCTS-DPO) or UCT (Agent Q)."""
+    backup: Literal["mean", "visit-weighted"] = "mean"
+    """MCTS backup: running mean, or MCTS-DPO's visit-weighted mean of children."""
+    leaves_per_tree: int = 1
+    """Leaves expanded per tree and round (virtual loss keeps them apart)."""
+    beam_width: int = 4
+    """Open nodes kept per level in tot-bfs."""
+    prune_below: float = 0.3
+    """tot-dfs does not explore children valued below this."""
+    alpha: float = 0.5
+    """Weight of the rollout value in --leaf-eval mix (Agent Q's alpha)."""
+    self_eval_question: str = "\nIs the solution above correct so far? Answer:"
+    """Text appended to the partial solution for --leaf-eval self-eval."""
+    self_eval_yes: str = " Yes"
+    """Positive verdict whose probability is the self-evaluation value."""
+    self_eval_no: str = " No"
+    """Negative verdict."""
     num_candidates: int = 4
     """Next steps sampled per expanded node (K)."""
     c_puct: float = 1.0
@@ -90,10 +112,10 @@ class BootstrapArgs:
 
 
 _POSITIVE_INT = ("iterations", "tasks_per_iteration", "simulations", "num_candidates", "rollouts",
-                 "sft_per_task", "max_depth", "step_max_tokens", "epochs", "batch_size", "heldout_size",
-                 "max_new_tokens")
+                 "sft_per_task", "leaves_per_tree", "beam_width", "max_depth", "step_max_tokens", "epochs",
+                 "batch_size", "heldout_size", "max_new_tokens")
 _POSITIVE_FLOAT = ("beta", "lr")
-_NON_NEGATIVE_FLOAT = ("c_puct", "temperature", "sft_weight", "min_q_gap")
+_NON_NEGATIVE_FLOAT = ("c_puct", "temperature", "sft_weight", "min_q_gap", "prune_below")
 
 
 def validate(cfg: TrainConfig) -> list[str]:
@@ -111,6 +133,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         v = getattr(cfg, name)
         if not v >= 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        problems.append(f"--alpha must be in [0, 1], got {cfg.alpha}")
+    if cfg.leaf_eval == "outcome" and cfg.search in ("tot-bfs", "tot-dfs"):
+        problems.append("--leaf-eval outcome needs --search mcts (tree-of-thoughts ranks nodes by value)")
     if cfg.threads < 0:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name.startswith(".")):

@@ -19,7 +19,7 @@ from rich.table import Table
 from engine.config import TrainConfig
 from engine.errors import UsageError
 from engine.run_dir import append_jsonl, save_model_atomic, write_json, write_jsonl
-from engine.search_runner import rollout_trajectories, run_mcts
+from engine.search_runner import rollout_trajectories, run_search
 from envs import MathEnv, TaskFileError, arithmetic_tasks, heldout_arithmetic_tasks, load_tasks, verify
 from search import extract_pairs, extract_trajectories, tree_to_dict
 from trainers import DPOConfig, train_dpo
@@ -212,8 +212,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         record: list = []
         with _progress(console) as bar:
             job = bar.add_task(f"iter {it} search", total=cfg.simulations, info=f"{len(tasks)} trees")
-            tree = run_mcts(policy, env, tasks, cfg, rollout_record=record,
-                            progress=lambda d, n, bar=bar, job=job: bar.update(job, completed=d))
+            tree = run_search(policy, env, tasks, cfg, rollout_record=record,
+                            progress=lambda d, n, bar=bar, job=job: bar.update(job, completed=d, total=n))
         search_s = time.time() - t0
         pairs = extract_pairs(tree, prompts=prompts, task_ids=ids, iteration=it, min_q_gap=cfg.min_q_gap)
         trajs = [{**t, "source": "tree"} for t in extract_trajectories(tree, prompts=prompts, task_ids=ids,

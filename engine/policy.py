@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,54 +75,88 @@ class TransformersPolicy:
         Returns one list of samples per prompt."""
         flat = [p for p in prompts for _ in range(num_samples)]
         ids = self._encode(flat)
-        stop_ids = set(self._token_ids_containing(stop)) if stop else set()
-        end_ids = set(stop_ids)
+        end_ids = set(self._token_ids_containing(stop)) if stop else set()
         if self.eos_id is not None:
             end_ids.add(int(self.eos_id))
+        ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=self.device) if end_ids else None
+        # longest first, so rows of similar length share a batch and padding stays small
         order = np.argsort([-len(x) for x in ids], kind="stable")
         results: list[Sample | None] = [None] * len(flat)
         self.model.eval()
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            batch = [ids[i] for i in chunk]
-            width = max(len(x) for x in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, x in enumerate(batch):
-                input_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-                mask[r, width - len(x) :] = 1
-            sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=int(max_new_tokens),
-                eos_token_id=sorted(end_ids) or None,
-                pad_token_id=self.pad_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-                **(sampling if temperature > 0 else dict(do_sample=False)),
-            )
-            new = out.sequences[:, width:].cpu()
-            logits = torch.stack(out.logits, dim=1).float().cpu()  # [b, T, V]
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None])[..., 0]
-            for r, i in enumerate(chunk):
-                toks = new[r].tolist()
-                n = len(toks)
-                finished = False
-                for t, tok in enumerate(toks):
-                    if tok in end_ids:
-                        n = t + 1
-                        finished = True
-                        break
-                keep = toks[:n]
-                if keep and self.eos_id is not None and keep[-1] == self.eos_id:
-                    text = self.tokenizer.decode(keep[:-1])
+            decoded = self._decode([ids[i] for i in chunk], max_new_tokens=int(max_new_tokens),
+                                   temperature=float(temperature), ends=ends)
+            for i, (toks, lps, finished) in zip(chunk, decoded):
+                if toks and self.eos_id is not None and toks[-1] == self.eos_id:
+                    text = self.tokenizer.decode(toks[:-1])
                 else:
-                    text = self.tokenizer.decode(keep)
+                    text = self.tokenizer.decode(toks)
                 if stop and stop in text:
                     text = text[: text.index(stop) + len(stop)]
-                results[i] = Sample(text, float(logp[r, :n].sum()), n, finished)
+                results[i] = Sample(text, float(sum(lps)), len(toks), finished)
         return [results[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+    def _decode(self, batch: list[list[int]], *, max_new_tokens: int, temperature: float,
+                ends: torch.Tensor | None) -> list[tuple[list[int], list[float], bool]]:
+        """Sample with a KV cache, dropping every row from the batch (and from the cache) as soon as
+        it ends, so that compute follows the rows still running rather than the longest one.
+        Returns per row: token ids, their log-probabilities at temperature 1, and whether it ended on
+        an end token."""
+        from transformers import DynamicCache
+
+        n = len(batch)
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, x in enumerate(batch):
+            input_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[r, width - len(x) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        # transformers >= 5.x names the argument `cache`; older releases `past_key_values`
+        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            use_cache=True, **{cache_kw: cache}).logits[:, -1]
+        next_pos = positions[:, -1] + 1
+        rows = torch.arange(n, device=self.device)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logps: list[list[float]] = [[] for _ in range(n)]
+        finished = [False] * n
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                tok = torch.multinomial(probs, 1)[:, 0]
+            else:
+                tok = logp.argmax(-1)
+            tok_lp = logp.gather(1, tok[:, None])[:, 0]
+            for r, tk, lp in zip(rows.tolist(), tok.tolist(), tok_lp.tolist()):
+                tokens[r].append(tk)
+                logps[r].append(lp)
+            if t == max_new_tokens - 1:
+                break
+            if ends is not None:
+                done = torch.isin(tok, ends)
+                if bool(done.any()):
+                    for r in rows[done].tolist():
+                        finished[r] = True
+                    keep = torch.nonzero(~done)[:, 0]
+                    if keep.numel() == 0:
+                        break
+                    rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
+                    cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            logits = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                use_cache=True, **{cache_kw: cache}).logits[:, -1]
+            next_pos = next_pos + 1
+        if ends is not None:  # a row whose last token ended it, at the cap, is finished too
+            end_set = set(ends.tolist())
+            for r in range(n):
+                if tokens[r] and tokens[r][-1] in end_set:
+                    finished[r] = True
+        return list(zip(tokens, logps, finished))
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()

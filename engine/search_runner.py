@@ -6,9 +6,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from search import Candidate, Tree, mcts
+from search import Candidate, Tree, mcts, sample_trajectories, tot_bfs, tot_dfs
 
-__all__ = ["make_expand_fn", "make_rollout_evaluate_fn", "play_out", "rollout_trajectories", "run_mcts"]
+__all__ = [
+    "make_expand_fn",
+    "make_rollout_evaluate_fn",
+    "make_sample_fn",
+    "make_self_eval_fn",
+    "mix_evaluators",
+    "play_out",
+    "rollout_trajectories",
+    "run_search",
+]
 
 
 def _line(text: str) -> str:
@@ -80,28 +89,96 @@ def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: i
     return evaluate_fn
 
 
-def run_mcts(policy, env, tasks: Sequence[dict], cfg, progress: Callable[[int, int], None] | None = None,
-             rollout_record: list | None = None) -> Tree:
-    """Search every task with MCTS; returns the batch of trees (one per task). Rollouts are
-    appended to ``rollout_record`` when given (see :func:`make_rollout_evaluate_fn`)."""
+def make_self_eval_fn(policy, prompts: Sequence[str], *, question: str, verdicts: tuple[str, str]):
+    """MCTS-DPO's self-evaluation (Xie et al., 2024, Sec. 2.1): the policy reads the partial
+    solution followed by ``question`` and the node's value is the probability it puts on the
+    positive verdict, normalised over the two verdicts."""
+
+    def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
+        contexts = [prompts[b] + tree.prefix_text(b, n) + question for b, n in zip(tree_index, node_index)]
+        yes = policy.logprobs(contexts, [verdicts[0]] * len(contexts))
+        no = policy.logprobs(contexts, [verdicts[1]] * len(contexts))
+        return 1.0 / (1.0 + np.exp(no - yes))
+
+    return evaluate_fn
+
+
+def mix_evaluators(search_value, critic, alpha: float):
+    """Agent Q's mix (Putta et al., 2024, Sec. 4.2): ``alpha * search value + (1 - alpha) * critic``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+    def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
+        return (alpha * np.asarray(search_value(tree, tree_index, node_index))
+                + (1 - alpha) * np.asarray(critic(tree, tree_index, node_index)))
+
+    return evaluate_fn
+
+
+def make_sample_fn(policy, env, prompts: Sequence[str], *, temperature: float, max_new_tokens: int):
+    """``sample_fn`` for :func:`search.sample_trajectories`: whole completions, cut into line steps
+    and stepped through ``env`` for rewards and states."""
+
+    def sample_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray, k: int):
+        contexts = [prompts[b] + tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
+        samples = policy.generate(contexts, num_samples=k, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, stop=None)
+        out = []
+        for b, n, group in zip(tree_index, node_index, samples):
+            trajs = []
+            for s in group:
+                env.set_state(tree.states[b][n])
+                steps = []
+                for line in s.text.split("\n"):
+                    if not line.strip():
+                        continue
+                    _, reward, term, trunc, _ = env.step(line)
+                    steps.append(Candidate(_line(line), 0.0, 1, reward=float(reward), terminal=bool(term or trunc),
+                                           state=env.get_state()))
+                    if term or trunc:
+                        break
+                if steps:
+                    trajs.append(steps)
+            out.append(trajs)
+        return out
+
+    return sample_fn
+
+
+def run_search(policy, env, tasks: Sequence[dict], cfg, progress: Callable[[int, int], None] | None = None,
+               rollout_record: list | None = None) -> Tree:
+    """Search every task with ``cfg.search`` (mcts, tot-bfs, tot-dfs or sample) and the leaf
+    evaluation ``cfg.leaf_eval``; returns the batch of trees (one per task). Rollouts are appended
+    to ``rollout_record`` when given (see :func:`make_rollout_evaluate_fn`)."""
     roots = []
     for task in tasks:
         env.reset(options={"task": task})
         roots.append(env.get_state())
     prompts = [t["prompt"] for t in tasks]
     tree = Tree(len(tasks), capacity=1 + cfg.simulations * cfg.num_candidates, root_states=roots)
-    return mcts(
-        tree,
-        expand_fn=make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
-                                 temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens),
-        evaluate_fn=make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts,
-                                             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                             record=rollout_record),
-        num_simulations=cfg.simulations,
-        c_puct=cfg.c_puct,
-        max_depth=cfg.max_depth,
-        progress=progress,
-    )
+    if cfg.search == "sample":
+        return sample_trajectories(tree, sample_fn=make_sample_fn(policy, env, prompts, temperature=cfg.temperature,
+                                                                  max_new_tokens=cfg.max_new_tokens),
+                                   num_samples=cfg.simulations, progress=progress)
+    rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
+                                        max_new_tokens=cfg.max_new_tokens, record=rollout_record)
+    judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
+                              verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
+    evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge,
+                   "mix": mix_evaluators(rollouts, judge, cfg.alpha)}[cfg.leaf_eval]
+    expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
+                               temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens)
+    if cfg.search == "mcts":
+        return mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations,
+                    c_puct=cfg.c_puct, rule=cfg.rule, leaves_per_tree=cfg.leaves_per_tree,
+                    backup_mode=cfg.backup, max_depth=cfg.max_depth, progress=progress)
+    if evaluate_fn is None:
+        raise ValueError("tree-of-thoughts search needs a leaf evaluation; --leaf-eval outcome is for mcts")
+    if cfg.search == "tot-bfs":
+        return tot_bfs(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, beam_width=cfg.beam_width,
+                       max_depth=cfg.max_depth, progress=progress)
+    return tot_dfs(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, max_expansions=cfg.simulations,
+                   prune_below=cfg.prune_below, max_depth=cfg.max_depth, progress=progress)
 
 
 def rollout_trajectories(tree: Tree, record: list, *, prompts: Sequence[str], task_ids: Sequence[str],

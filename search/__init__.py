@@ -5,16 +5,45 @@ callables (see :mod:`search.types`).
 """
 
 from search.export import to_networkx, tree_from_dict, tree_to_dict
-from search.extract import extract_pairs, extract_trajectories
-from search.kernels import backup, best_worst_children, puct_select
-from search.mcts import mcts, merge_candidates
+from search.extract import (
+    extract_pairs,
+    extract_path_lists,
+    extract_sibling_lists,
+    extract_trajectories,
+    tree_summary,
+)
+from search.kernels import (
+    PUCT,
+    UCT,
+    backup,
+    backup_visit_weighted,
+    best_worst_children,
+    puct_select,
+    select_leaves,
+    synthetic_search,
+    visit_policy,
+)
+from search.mcts import back_up, expand_nodes, mcts, merge_candidates
+from search.tot import SampleFn, sample_trajectories, tot_bfs, tot_dfs
 from search.tree import NO_PARENT, ROOT_INDEX, Tree
 from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn
 
 __all__ = [
     "NO_PARENT",
+    "PUCT",
     "ROOT_INDEX",
+    "UCT",
     "Candidate",
+    "SampleFn",
+    "back_up",
+    "backup_visit_weighted",
+    "expand_nodes",
+    "sample_trajectories",
+    "select_leaves",
+    "synthetic_search",
+    "tot_bfs",
+    "tot_dfs",
+    "visit_policy",
     "EvaluateFn",
     "ExpandFn",
     "ProgressFn",
@@ -22,7 +51,10 @@ __all__ = [
     "backup",
     "best_worst_children",
     "extract_pairs",
+    "extract_path_lists",
+    "extract_sibling_lists",
     "extract_trajectories",
+    "tree_summary",
     "mcts",
     "merge_candidates",
     "puct_select",

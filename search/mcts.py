@@ -1,23 +1,25 @@
 """Monte-Carlo tree search over language-model steps, many trees at once.
 
 The variant of MCTS-DPO (Xie et al., 2024, "Monte Carlo Tree Search Boosts Reasoning via
-Iterative Preference Learning", Sec. 2.1): each round selects one leaf per tree by PUCT (eq. 1),
-expands it with the policy's sampled next steps (identical texts merged, prior from the
-length-normalised log-probability), values every new child (terminal children by their reward,
-open ones by ``evaluate_fn``) and backs the values up as running means.
+Iterative Preference Learning", Sec. 2.1): each round selects leaves by PUCT (eq. 1) or UCT
+(Agent Q), expands them with the policy's sampled next steps (identical texts merged, prior from
+the length-normalised log-probability), values every new child (terminal children by their reward,
+open ones by ``evaluate_fn``) and backs the values up, as running means or in MCTS-DPO's
+visit-weighted form (eqs. 3–4).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 
-from search.kernels import backup, puct_select
+from search.kernels import PUCT, UCT, backup, backup_visit_weighted, select_leaves
 from search.tree import Tree
 from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn
 
-__all__ = ["merge_candidates", "mcts"]
+__all__ = ["expand_nodes", "merge_candidates", "mcts", "back_up"]
 
 
 def merge_candidates(candidates: list[Candidate]) -> tuple[list[Candidate], np.ndarray]:
@@ -34,83 +36,119 @@ def merge_candidates(candidates: list[Candidate]) -> tuple[list[Candidate], np.n
     return kept, scores / scores.sum()
 
 
+def expand_nodes(
+    tree: Tree, tree_index: np.ndarray, node_index: np.ndarray, *, expand_fn: ExpandFn,
+    evaluate_fn: EvaluateFn | None,
+) -> tuple[list[int], list[int], list[float]]:
+    """Expand the given nodes with one batched ``expand_fn`` call and value their new children
+    with one batched ``evaluate_fn`` call. Returns ``(trees, nodes, values)`` to back up: every new
+    child (terminal ones valued by their reward; open ones by ``evaluate_fn``, or left out when it is
+    None) and every node the policy could not extend (marked terminal, value 0)."""
+    back_b: list[int] = []
+    back_n: list[int] = []
+    back_v: list[float] = []
+    if not len(tree_index):
+        return back_b, back_n, back_v
+    proposals = expand_fn(tree, tree_index, node_index)
+    if len(proposals) != len(tree_index):
+        raise ValueError(f"expand_fn returned {len(proposals)} lists for {len(tree_index)} nodes")
+    open_b, open_n = [], []
+    for b, node, cands in zip(tree_index.tolist(), node_index.tolist(), proposals):
+        kept, priors = merge_candidates(cands)
+        if not kept:  # the policy produced nothing usable: a dead end worth 0
+            tree.terminal[b, node] = True
+            back_b.append(b)
+            back_n.append(node)
+            back_v.append(0.0)
+            continue
+        idx = tree.add_children(b, node, [c.text for c in kept], priors, [c.reward for c in kept],
+                                [c.terminal for c in kept], [c.state for c in kept])
+        for c, i in zip(kept, idx):
+            if c.terminal:
+                back_b.append(b)
+                back_n.append(i)
+                back_v.append(float(c.reward))
+            else:
+                open_b.append(b)
+                open_n.append(i)
+    if open_b and evaluate_fn is not None:
+        est = np.asarray(evaluate_fn(tree, np.asarray(open_b, np.int32), np.asarray(open_n, np.int32)),
+                         np.float64)
+        if est.shape != (len(open_b),):
+            raise ValueError(f"evaluate_fn returned shape {est.shape}, expected ({len(open_b)},)")
+        back_b += open_b
+        back_n += open_n
+        back_v += est.tolist()
+    return back_b, back_n, back_v
+
+
+def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float], *,
+            mode: Literal["mean", "visit-weighted"] = "mean", gamma: float = 1.0) -> None:
+    """Back values up from the given nodes to their roots (one kernel call for all of them)."""
+    if not trees:
+        return
+    tb = np.asarray(trees, np.int32)
+    nb = np.asarray(nodes, np.int32)
+    vb = np.asarray(values, np.float64)
+    if mode == "mean":
+        backup(tree.parent, tree.visits, tree.value_sum, tb, nb, vb)
+    elif mode == "visit-weighted":
+        backup_visit_weighted(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
+                              tree.reward, tb, nb, vb, float(gamma))
+    else:
+        raise ValueError(f"backup mode must be 'mean' or 'visit-weighted', got {mode!r}")
+
+
 def mcts(
     tree: Tree,
     *,
     expand_fn: ExpandFn,
-    evaluate_fn: EvaluateFn,
+    evaluate_fn: EvaluateFn | None,
     num_simulations: int,
     c_puct: float = 1.0,
+    rule: Literal["puct", "uct"] = "puct",
+    normalize_q: bool = False,
+    leaves_per_tree: int = 1,
+    virtual_loss: int = 1,
+    backup_mode: Literal["mean", "visit-weighted"] = "mean",
+    gamma: float = 1.0,
     max_depth: int = 16,
     progress: ProgressFn | None = None,
 ) -> Tree:
     """Run ``num_simulations`` rounds of select → expand → evaluate → backup on every tree.
 
-    Each round makes one batched ``expand_fn`` call (one leaf per tree) and one batched
-    ``evaluate_fn`` call (every new open child). A selected leaf that is terminal, or at
-    ``max_depth``, or that the policy could not extend, is not expanded: its own value (reward for
-    terminal nodes, else its current Q) is backed up again, which sharpens the statistics along
-    its path just as a repeat visit does in AlphaZero.
+    Each round selects up to ``leaves_per_tree`` distinct leaves per tree (virtual loss spreads
+    them), then makes one batched ``expand_fn`` call and one batched ``evaluate_fn`` call for all
+    trees. ``evaluate_fn=None`` values only terminal nodes (outcome only). A selected leaf that is
+    terminal, or at ``max_depth``, is not expanded: its own value (reward for terminal nodes, else
+    its current Q) is backed up again, as a repeat visit does in AlphaZero.
     """
     if num_simulations < 0:
         raise ValueError(f"num_simulations must be >= 0, got {num_simulations}")
     if not (math.isfinite(c_puct) and c_puct >= 0):
         raise ValueError(f"c_puct must be a finite number >= 0, got {c_puct}")
+    if rule not in ("puct", "uct"):
+        raise ValueError(f"rule must be 'puct' or 'uct', got {rule!r}")
+    if leaves_per_tree < 1 or virtual_loss < 0:
+        raise ValueError("leaves_per_tree must be >= 1 and virtual_loss >= 0")
     bsz = tree.batch_size
-    leaves = np.zeros(bsz, np.int32)
-    all_trees = np.arange(bsz, dtype=np.int32)
+    leaves = np.zeros((bsz, leaves_per_tree), np.int32)
+    rule_id = PUCT if rule == "puct" else UCT
     for sim in range(num_simulations):
-        puct_select(tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                    tree.terminal, c_puct, leaves)
-        expandable = ~tree.terminal[all_trees, leaves] & (tree.depth[all_trees, leaves] < max_depth)
+        select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
+                      tree.terminal, tree.node_count, c_puct, rule_id, normalize_q, virtual_loss, leaves)
+        tb, nb = np.nonzero(leaves >= 0)
+        nb = leaves[tb, nb]
+        tb = tb.astype(np.int32)
+        expandable = ~tree.terminal[tb, nb] & (tree.depth[tb, nb] < max_depth)
         back_b, back_n, back_v = [], [], []
-        for b in np.flatnonzero(~expandable):
-            node = int(leaves[b])
-            value = tree.reward[b, node] if tree.terminal[b, node] else tree.q(b, node)
+        for b, node in zip(tb[~expandable].tolist(), nb[~expandable].tolist()):
             back_b.append(b)
             back_n.append(node)
-            back_v.append(value)
-        exp_b = all_trees[expandable]
-        exp_n = leaves[expandable]
-        new_b, new_n, open_b, open_n = [], [], [], []
-        if exp_b.size:
-            proposals = expand_fn(tree, exp_b, exp_n)
-            if len(proposals) != exp_b.size:
-                raise ValueError(f"expand_fn returned {len(proposals)} lists for {exp_b.size} nodes")
-            for b, node, cands in zip(exp_b.tolist(), exp_n.tolist(), proposals):
-                kept, priors = merge_candidates(cands)
-                if not kept:  # the policy produced nothing usable: a dead end worth 0
-                    tree.terminal[b, node] = True
-                    back_b.append(b)
-                    back_n.append(node)
-                    back_v.append(0.0)
-                    continue
-                idx = tree.add_children(
-                    b, node,
-                    [c.text for c in kept], priors, [c.reward for c in kept],
-                    [c.terminal for c in kept], [c.state for c in kept],
-                )
-                for c, i in zip(kept, idx):
-                    new_b.append(b)
-                    new_n.append(i)
-                    if not c.terminal:
-                        open_b.append(b)
-                        open_n.append(i)
-        values = {}
-        if open_b:
-            ob = np.asarray(open_b, np.int32)
-            on = np.asarray(open_n, np.int32)
-            est = np.asarray(evaluate_fn(tree, ob, on), np.float64)
-            if est.shape != (len(open_b),):
-                raise ValueError(f"evaluate_fn returned shape {est.shape}, expected ({len(open_b)},)")
-            values = {(b, n): v for b, n, v in zip(open_b, open_n, est.tolist())}
-        for b, n in zip(new_b, new_n):
-            back_b.append(b)
-            back_n.append(n)
-            back_v.append(values.get((b, n), tree.reward[b, n]))
-        if back_b:
-            backup(tree.parent, tree.visits, tree.value_sum, np.asarray(back_b, np.int32),
-                   np.asarray(back_n, np.int32), np.asarray(back_v, np.float64))
+            back_v.append(tree.reward[b, node] if tree.terminal[b, node] else tree.q(b, node))
+        eb, en, ev = expand_nodes(tree, tb[expandable], nb[expandable], expand_fn=expand_fn,
+                                  evaluate_fn=evaluate_fn)
+        back_up(tree, back_b + eb, back_n + en, back_v + ev, mode=backup_mode, gamma=gamma)
         if progress is not None:
             progress(sim + 1, num_simulations)
     return tree

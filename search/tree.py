@@ -129,6 +129,34 @@ class Tree:
             node = int(self.parent[b, node])
         return out[::-1]
 
+    def reroot(self, b: int, node: int) -> str:
+        """Make ``node`` the root of tree ``b`` and keep its subtree with all its statistics (the
+        rest is dropped): search commits a step and continues from it, as MCTS-DPO does. Returns
+        the text of the committed steps, which the caller appends to the tree's prompt."""
+        committed = self.prefix_text(b, node)
+        order = [int(node)]
+        for n in order:  # breadth-first, so each node's children stay contiguous
+            order.extend(self.children(b, n))
+        new_index = np.full(self.capacity, -1, np.int64)
+        new_index[order] = np.arange(len(order))
+        idx = np.asarray(order)
+        for name in self._ARRAYS:
+            arr = getattr(self, name)
+            row = arr[b, idx].copy()
+            arr[b, :] = self._FILL.get(name, 0)
+            arr[b, : len(order)] = row
+        n = len(order)
+        self.parent[b, 1:n] = new_index[self.parent[b, 1:n]]
+        self.parent[b, 0] = NO_PARENT
+        fc = self.first_child[b, :n]
+        self.first_child[b, :n] = np.where(fc >= 0, new_index[np.maximum(fc, 0)], -1)
+        self.depth[b, :n] -= self.depth[b, 0]
+        self.prior[b, 0] = 1.0
+        self.node_count[b] = n
+        self.texts[b] = [""] + [self.texts[b][i] for i in order[1:]]
+        self.states[b] = [self.states[b][i] for i in order]
+        return committed
+
     def prefix_text(self, b: int, node: int) -> str:
         """The concatenated step texts from the root to ``node``."""
         texts = self.texts[b]

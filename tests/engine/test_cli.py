@@ -49,6 +49,8 @@ def test_train_smoke(tmp_path, trained_model_dir):
         (["--model", "/nonexistent/model"], "not a transformers model directory"),
         (["--task-file", "/nonexistent.jsonl"], "does not exist"),
         (["--name", "../escape"], "plain directory name"),
+        (["--search", "tot-bfs", "--leaf-eval", "outcome"], "needs --search mcts"),
+        (["--alpha", "2"], "--alpha must be in [0, 1]"),
     ],
 )
 def test_bad_flags_exit_2_and_write_nothing(tmp_path, args, needle):

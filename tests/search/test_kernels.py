@@ -5,7 +5,18 @@ import math
 import numpy as np
 import pytest
 
-from search import Tree, backup, best_worst_children, puct_select
+from search import (
+    PUCT,
+    UCT,
+    Tree,
+    backup,
+    backup_visit_weighted,
+    best_worst_children,
+    puct_select,
+    select_leaves,
+    synthetic_search,
+    visit_policy,
+)
 
 
 def random_tree(rng, batch=5, expansions=30, k_max=4):
@@ -30,12 +41,12 @@ def random_tree(rng, batch=5, expansions=30, k_max=4):
 def reference_select(tree, b, c_puct):
     node = 0
     while tree.num_children[b, node] > 0 and not tree.terminal[b, node]:
-        sqrt_n = math.sqrt(max(tree.visits[b, node], 1))
+        explore = c_puct * math.sqrt(max(tree.visits[b, node], 1))
         scores = []
         for c in tree.children(b, node):
             n = tree.visits[b, c]
             q = tree.value_sum[b, c] / n if n else 0.0
-            scores.append(q + c_puct * tree.prior[b, c] * sqrt_n / (1 + n))
+            scores.append(q + explore * tree.prior[b, c] / (1 + n))  # the kernel's operation order
         node = tree.children(b, node)[int(np.argmax(scores))]
     return node
 
@@ -97,3 +108,140 @@ def test_tree_grows_by_doubling_and_keeps_data():
     assert tree.node_count.tolist() == [7, 1]
     with pytest.raises(ValueError, match="already expanded"):
         tree.add_children(0, 0, ["x\n"], [1.0], [0], [False])
+
+
+def reference_select_general(tree, b, c, rule, normalize):
+    lo = hi = 0.0
+    if normalize:
+        qs = [tree.value_sum[b, i] / tree.visits[b, i] for i in range(tree.node_count[b]) if tree.visits[b, i]]
+        lo, hi = (min(qs), max(qs)) if qs else (0.0, 0.0)
+    scale, shift = (1.0 / (hi - lo), lo) if hi > lo else (1.0, 0.0)
+    node = 0
+    while tree.num_children[b, node] > 0 and not tree.terminal[b, node]:
+        pn = tree.visits[b, node]
+        scores = []
+        for ch in tree.children(b, node):
+            n = tree.visits[b, ch]
+            q = (tree.value_sum[b, ch] / n - shift) * scale if n else 0.0
+            if rule == PUCT:
+                scores.append(q + c * math.sqrt(max(pn, 1)) * tree.prior[b, ch] / (1 + n))
+            else:
+                scores.append(math.inf if n == 0 else q + c * math.sqrt(math.log(max(pn, 1))) / math.sqrt(n))
+        node = tree.children(b, node)[int(np.argmax(scores))]
+    return node
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rule", [PUCT, UCT])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_select_leaves_single_matches_reference(seed, rule, normalize):
+    tree = random_tree(np.random.default_rng(seed))
+    out = np.zeros((tree.batch_size, 1), np.int32)
+    select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
+                  tree.terminal, tree.node_count, 1.3, rule, normalize, 1, out)
+    assert out[:, 0].tolist() == [reference_select_general(tree, b, 1.3, rule, normalize)
+                                  for b in range(tree.batch_size)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_virtual_loss_spreads_leaves_and_restores_visits(seed):
+    tree = random_tree(np.random.default_rng(seed), expansions=60)
+    before = tree.visits.copy()
+    out = np.zeros((tree.batch_size, 4), np.int32)
+    select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
+                  tree.terminal, tree.node_count, 1.0, PUCT, False, 3, out)
+    np.testing.assert_array_equal(tree.visits, before)
+    for b in range(tree.batch_size):
+        got = [x for x in out[b] if x >= 0]
+        assert len(got) == len(set(got)) >= 1
+        assert got[0] == reference_select_general(tree, b, 1.0, PUCT, False)
+        # replay: the j-th descent sees the virtual visits of the earlier ones
+        sim = tree.visits.copy()
+        for j in range(4):
+            saved = tree.visits
+            tree.visits = sim
+            leaf = reference_select_general(tree, b, 1.0, PUCT, False)
+            tree.visits = saved
+            assert out[b, j] in (leaf, -1)
+            n = leaf
+            while n >= 0:
+                sim[b, n] += 3
+                n = tree.parent[b, n]
+
+
+def test_visit_weighted_backup_matches_formula():
+    tree = Tree(1, capacity=8)
+    tree.add_children(0, 0, ["a", "b"], [0.5, 0.5], [0.0, 0.0], [False, False])
+    tree.add_children(0, 1, ["c", "d"], [0.5, 0.5], [0.2, 0.0], [False, False])
+    tree.reward[0, 1] = 0.1
+    tb = np.array([0, 0, 0], np.int32)
+    backup_visit_weighted(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
+                          tree.reward, tb, np.array([3, 4, 2], np.int32), np.array([1.0, 0.0, 0.5]), 0.9)
+    # node 1 after its children: r + gamma * (1*1 + 1*0) / 2 ; root: gamma * (N1 Q1 + N2 Q2) / (N1 + N2)
+    q1 = 0.1 + 0.9 * (1.0 + 0.0) / 2
+    assert tree.q(0, 1) == pytest.approx(q1) and tree.visits[0, 1] == 2
+    assert tree.q(0, 2) == pytest.approx(0.5)
+    assert tree.q(0, 0) == pytest.approx(0.9 * (2 * q1 + 1 * 0.5) / 3) and tree.visits[0, 0] == 3
+
+
+def test_visit_policy_temperature():
+    tree = Tree(1)
+    tree.add_children(0, 0, ["a", "b", "c"], [1 / 3] * 3, [0] * 3, [False] * 3)
+    tree.visits[0, 1:4] = [1, 3, 0]
+    args = (tree.first_child, tree.num_children, tree.visits, 0, 0)
+    np.testing.assert_allclose(visit_policy(*args, 1.0), [0.25, 0.75, 0.0])
+    np.testing.assert_allclose(visit_policy(*args, 0.0), [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(visit_policy(*args, 0.5), [0.1, 0.9, 0.0])
+
+
+def test_synthetic_search_equals_python_reference():
+    rng = np.random.default_rng(0)
+    b, s, k = 3, 150, 4
+    priors = rng.dirichlet(np.ones(k), size=(b, s))
+    values = rng.random((b, s))
+    tree = Tree(b, capacity=1 + s * k)
+    synthetic_search(tree.parent, tree.depth, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
+                     tree.prior, tree.terminal, tree.node_count, priors, values, 1.0, 6)
+    ref = Tree(b, capacity=1 + s * k)
+    leaf = np.zeros(b, np.int32)
+    for i in range(s):
+        puct_select(ref.first_child, ref.num_children, ref.visits, ref.value_sum, ref.prior, ref.terminal, 1.0, leaf)
+        for t in range(b):
+            if ref.depth[t, leaf[t]] < 6:
+                ref.add_children(t, int(leaf[t]), ["x"] * k, priors[t, i], np.zeros(k), np.zeros(k, bool))
+        backup(ref.parent, ref.visits, ref.value_sum, np.arange(b, dtype=np.int32), leaf, values[:, i])
+    np.testing.assert_array_equal(tree.visits, ref.visits)
+    np.testing.assert_allclose(tree.value_sum, ref.value_sum)
+    assert tree.depth.max() == 6
+
+
+def test_reroot_keeps_statistics():
+    tree = random_tree(np.random.default_rng(3), batch=2, expansions=40)
+    b = 1
+    child = next(c for c in tree.children(b, 0) if tree.num_children[b, c] > 0)
+    depth0 = len(tree.path(b, child))
+
+    def signature():
+        out = {}
+        for n in range(tree.node_count[b]):
+            path = tree.path(b, n)
+            if child in path or n == child or tree.depth[b, child] == 0:
+                key = tuple(tree.texts[b][i] for i in path[depth0 if child in path else 0:])
+                prior = float(tree.prior[b, n]) if key else 1.0
+                out[key] = (int(tree.visits[b, n]), float(tree.value_sum[b, n]), prior, bool(tree.terminal[b, n]),
+                            int(tree.num_children[b, n]))
+        return out
+
+    before = signature()
+    other = (tree.visits[0].copy(), int(tree.node_count[0]))
+    committed = tree.reroot(b, child)
+    assert committed == tree.texts[b][0] + "" or committed.endswith("\n")
+    child = 0
+    depth0 = 0
+    assert signature() == before and tree.node_count[b] == len(before)
+    assert tree.parent[b, 0] == -1 and tree.depth[b, 0] == 0 and tree.texts[b][0] == ""
+    for n in range(1, tree.node_count[b]):
+        p = tree.parent[b, n]
+        assert n in tree.children(b, p) and tree.depth[b, n] == tree.depth[b, p] + 1
+    np.testing.assert_array_equal(tree.visits[0], other[0])  # other trees untouched
+    assert tree.node_count[0] == other[1]

@@ -1,0 +1,143 @@
+"""Where MCTS spends its time with a real model: inside the model's forward passes or around them.
+
+Runs MCTS (the engine's default search settings) with the tiny default model on 64 arithmetic
+tasks and reports, measured in the same run:
+
+* the share of wall time spent outside the model's forward passes (tree kernels, environment
+  steps, tokenisation, generation bookkeeping); target <= 5%;
+* generated tokens/s during search against plain batched sampling of the same number of tokens at
+  the same batch size (``policy.generate`` with no stop, every row running to the token cap);
+  target >= 0.7x.
+
+Forward time is measured with forward hooks on the model (synchronised on GPU). Run from the
+repository root (the default model is built on first use, about 3 minutes):
+
+    .venv/bin/python benchmarks/search_overhead.py [--tasks 64] [--model DIR]
+
+The last line of output is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine.config import TrainConfig  # noqa: E402
+from engine.loop import load_policy  # noqa: E402
+from engine.search_runner import run_search  # noqa: E402
+from engine.tiny_model import BootstrapConfig, bootstrap  # noqa: E402
+from envs import MathEnv, arithmetic_tasks  # noqa: E402
+
+
+class ForwardTimer:
+    """Accumulates wall time spent inside ``model.forward`` (outermost calls only)."""
+
+    def __init__(self, model):
+        self.total = 0.0
+        self.calls = 0
+        self._start = 0.0
+        self._cuda = next(model.parameters()).is_cuda
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._post)
+
+    def _pre(self, module, args):
+        if self._cuda:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.total += time.perf_counter() - self._start
+        self.calls += 1
+
+
+class CountingPolicy:
+    """Forwards to a policy and counts generated tokens and batch sizes."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.tokens = 0
+        self.rows = 0
+        self.calls = 0
+
+    def generate(self, prompts, **kw):
+        out = self.policy.generate(prompts, **kw)
+        self.tokens += sum(s.num_tokens for group in out for s in group)
+        self.rows += sum(len(group) for group in out)
+        self.calls += 1
+        return out
+
+    def logprobs(self, *a, **kw):
+        return self.policy.logprobs(*a, **kw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", type=int, default=64)
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded default)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or str(bootstrap(BootstrapConfig(), log=print))
+    policy = load_policy(model_dir, "cpu")
+    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=args.tasks)
+    tasks = list(islice(arithmetic_tasks(12345), args.tasks))
+    env = MathEnv(max_steps=cfg.max_depth)
+
+    # warm-up (first calls allocate caches and compile the numba kernels)
+    run_search(policy, env, tasks[:4], dataclasses.replace(cfg, simulations=2))
+
+    timer = ForwardTimer(policy.model)
+    counting = CountingPolicy(policy)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    tree = run_search(counting, env, tasks, cfg)
+    wall = time.perf_counter() - t0
+    fwd = timer.total
+    search_tps = counting.tokens / wall
+    mean_batch = counting.rows / max(counting.calls, 1)
+
+    # plain batched sampling: the same number of tokens at the same (mean) batch size
+    batch = max(1, min(policy.batch_size, round(mean_batch)))
+    steps = max(1, round(counting.tokens / batch))
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(999), batch)]
+    plain_tokens = 0
+    t0 = time.perf_counter()
+    while plain_tokens < counting.tokens:
+        n = min(steps, 64)  # the policy's positions cap; repeat calls until the token count is reached
+        saved = policy.eos_id, policy.model.generation_config.eos_token_id
+        policy.eos_id = policy.model.generation_config.eos_token_id = None  # every row runs to the cap
+        try:
+            out = policy.generate(prompts, temperature=1.0, max_new_tokens=n, stop=None)
+        finally:
+            policy.eos_id, policy.model.generation_config.eos_token_id = saved
+        plain_tokens += sum(s.num_tokens for g in out for s in g)
+    plain_wall = time.perf_counter() - t0
+    plain_tps = plain_tokens / plain_wall
+
+    outside = 1.0 - fwd / wall
+    print(f"MCTS on {args.tasks} tasks: {cfg.simulations} simulations, {int(tree.node_count.sum())} nodes, "
+          f"{counting.calls} policy calls, mean batch {mean_batch:.0f} rows")
+    print(f"wall {wall:.2f}s, inside forward passes {fwd:.2f}s ({timer.calls} calls): "
+          f"outside share {outside:.1%} (target <= 5%)")
+    print(f"tokens/s during search {search_tps:,.0f} vs plain batched sampling {plain_tps:,.0f} "
+          f"(batch {batch}): {search_tps / plain_tps:.2f}x (target >= 0.7x)")
+    print(json.dumps({"tasks": args.tasks, "wall_s": wall, "forward_s": fwd, "outside_forward_share": outside,
+                      "search_tokens_per_s": search_tps, "plain_tokens_per_s": plain_tps,
+                      "ratio_vs_plain": search_tps / plain_tps, "mean_batch": mean_batch,
+                      "targets_met": {"outside_share": outside <= 0.05,
+                                      "tokens_ratio": search_tps / plain_tps >= 0.7}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Tree-statistics throughput: our numba kernels against two references, measured in one run.
+
+Workload (no language model): every expansion adds K = 4 children, nodes at depth 20 are not
+expanded, priors are Dirichlet(1) over the K children and leaf values uniform in [0, 1). One
+simulation selects a leaf from the root by PUCT (``Q + c_puct * P * sqrt(max(N_parent, 1)) /
+(1 + N)``, Q = W / N or 0, strict ``>`` so ties go to the lowest index), expands it and backs its
+value up to the root. Priors ``[B, S, K]`` and values ``[B, S]`` are drawn once from a seeded
+numpy Generator, so every implementation consumes the same stream.
+
+    A: 1 000 trees x 200 simulations          B: one tree x 200 000 simulations
+
+Implementations:
+    ours           ``search.kernels.synthetic_search`` on the arrays of ``search.tree.Tree``
+                   (compiled on a tiny input first; median of ``--repeats`` runs).
+    pure Python    a minimal ``__slots__`` node-object PUCT (below), gc on as in a real process.
+                   It must reproduce our root child visit counts exactly; this is asserted.
+    llm-reasoners  ``reasoners.algorithm.MCTS`` driven by a synthetic WorldModel / SearchConfig.
+                   It is UCT with Q = np.mean(history), so its trees differ from ours. Its
+                   ``_simulate`` (a rollout that expands every node down to the depth limit) is
+                   switched off so that one iteration = one expansion + one backup, as in ours.
+                   It is slow and slows as its tree grows, so it runs on fewer simulations
+                   (``--lr-trees``, ``--lr-big-sims``); the ratio on B is therefore a lower bound.
+                   Install: ``.venv/bin/pip install --no-deps llm-reasoners``.
+
+Run from the repository root (``--quick`` for a smaller run, ``--help`` for the sizes):
+
+    .venv/bin/python benchmarks/tree_ops.py
+
+The last line of output is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from search.kernels import synthetic_search  # noqa: E402
+from search.tree import Tree  # noqa: E402
+
+K = 4
+MAX_DEPTH = 20
+C_PUCT = 1.25
+TARGET_VS_PYTHON = 40.0
+TARGET_VS_REASONERS = 400.0
+TARGET_UPDATES_PER_S = 20e6
+
+
+def make_inputs(rng: np.random.Generator, trees: int, sims: int) -> tuple[np.ndarray, np.ndarray]:
+    priors = rng.dirichlet(np.ones(K), size=(trees, sims))
+    values = rng.random((trees, sims))
+    return priors, values
+
+
+# --- ours ------------------------------------------------------------------------------------
+
+def run_ours(priors: np.ndarray, values: np.ndarray, prefault: bool = False) -> tuple[float, int, Tree]:
+    """Seconds, node updates and the grown trees. Allocating the Tree is not timed, but by default
+    the first-touch page faults of its zero-filled (lazily mapped) arrays are, as in a real search
+    on a fresh tree; ``prefault`` writes every array once beforehand to time the kernel alone."""
+    t = Tree(priors.shape[0], capacity=1 + priors.shape[1] * K)
+    arrays = (t.parent, t.depth, t.first_child, t.num_children, t.visits, t.value_sum, t.prior, t.terminal)
+    if prefault:
+        for a in arrays:
+            np.copyto(a, a.copy())
+    start = time.perf_counter()
+    updates = synthetic_search(*arrays, t.node_count, priors, values, C_PUCT, MAX_DEPTH)
+    return time.perf_counter() - start, int(updates), t
+
+
+def time_ours(priors, values, repeats, prefault):
+    runs = [run_ours(priors, values, prefault) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), runs[0][1], runs[0][2]
+
+
+def root_visits_ours(t: Tree, b: int) -> list[int]:
+    first = int(t.first_child[b, 0])
+    return t.visits[b, first:first + int(t.num_children[b, 0])].tolist()
+
+
+# --- reference (a): pure Python node objects ------------------------------------------------
+
+class Node:
+    __slots__ = ("parent", "children", "depth", "prior", "visits", "value_sum")
+
+    def __init__(self, parent, depth, prior):
+        self.parent = parent
+        self.children = ()  # shared empty tuple until expanded: no list per leaf
+        self.depth = depth
+        self.prior = prior
+        self.visits = 0
+        self.value_sum = 0.0
+
+
+def python_search(priors: list, values: list, c_puct: float, max_depth: int) -> tuple[Node, int]:
+    root = Node(None, 0, 1.0)
+    updates = 0
+    sqrt = math.sqrt
+    for p, v in zip(priors, values):
+        node = root
+        while node.children:
+            s = c_puct * sqrt(max(node.visits, 1))
+            best = None
+            best_score = -math.inf
+            for ch in node.children:
+                n = ch.visits
+                q = ch.value_sum / n if n else 0.0
+                # Same operation order as the kernel, so that the float scores are bit-identical
+                # and the visit counts can be compared exactly.
+                score = q + s * ch.prior / (1.0 + n)
+                if score > best_score:
+                    best_score = score
+                    best = ch
+            node = best
+        if node.depth < max_depth:
+            d = node.depth + 1
+            node.children = [Node(node, d, pr) for pr in p]
+        while node is not None:
+            node.visits += 1
+            node.value_sum += v
+            node = node.parent
+            updates += 1
+    return root, updates
+
+
+def time_python(priors: np.ndarray, values: np.ndarray):
+    # Lists of Python floats are the natural input of pure-Python code; converting is not timed.
+    pl, vl = priors.tolist(), values.tolist()
+    start = time.perf_counter()
+    results = [python_search(pl[b], vl[b], C_PUCT, MAX_DEPTH) for b in range(len(pl))]
+    seconds = time.perf_counter() - start
+    roots = [[ch.visits for ch in r.children] for r, _ in results]
+    return seconds, sum(u for _, u in results), roots
+
+
+# --- reference (b): llm-reasoners -------------------------------------------------------------
+
+def load_reasoners():
+    """The MCTS subclass and its synthetic world, or the reason llm-reasoners is unavailable."""
+    try:
+        from reasoners import SearchConfig, WorldModel
+        from reasoners.algorithm import MCTS
+    except Exception as exc:  # any import-time failure (missing dep, broken install) disables it
+        return None, f"{type(exc).__name__}: {exc}"
+
+    class OneExpansionMCTS(MCTS):
+        def _simulate(self, path):
+            # Its rollout would expand every node down to the depth limit (~20 expansions per
+            # iteration); without it an iteration is one expansion and one backup, like ours.
+            pass
+
+    class World(WorldModel):
+        def init_state(self):
+            return 0  # the state is the depth
+
+        def step(self, state, action):
+            return state + 1, {}
+
+        def is_terminal(self, state):
+            return state >= MAX_DEPTH
+
+    class Config(SearchConfig):
+        """Feeds the pre-generated stream: one prior row per expansion, one value per new leaf."""
+
+        def __init__(self, priors, values):
+            super().__init__()
+            self.priors, self.values = iter(priors), iter(values)
+            self.current = None
+
+        def get_actions(self, state):
+            self.current = next(self.priors)
+            return list(range(K))
+
+        def fast_reward(self, state, action):
+            return self.current[action], {}
+
+        def reward(self, state, action, **kwargs):
+            return next(self.values), {}
+
+    def run(priors: list, values: list):
+        mcts = OneExpansionMCTS(w_exp=C_PUCT, depth_limit=MAX_DEPTH, n_iters=len(values),
+                                # backs the leaf value up unchanged (default: sum of step rewards)
+                                cum_reward=lambda rewards: rewards[-1],
+                                # 'max_reward' would add a DFS over the final tree to the timing
+                                output_strategy="last_iter")
+        return mcts(World(), Config(priors, values)).tree_state
+
+    return run, None
+
+
+def count_updates(root) -> int:
+    total, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        total += len(node.cum_rewards)
+        stack.extend(node.children or ())
+    return total
+
+
+def time_reasoners(run, priors: np.ndarray, values: np.ndarray):
+    pl, vl = priors.tolist(), values.tolist()
+    start = time.perf_counter()
+    roots = [run(pl[b], vl[b]) for b in range(len(pl))]
+    seconds = time.perf_counter() - start
+    return seconds, sum(count_updates(r) for r in roots)
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trees", type=int, default=1000, help="workload A: number of trees")
+    ap.add_argument("--sims", type=int, default=200, help="workload A: simulations per tree")
+    ap.add_argument("--big-sims", type=int, default=200_000, help="workload B: simulations on one tree")
+    ap.add_argument("--lr-trees", type=int, default=20, help="llm-reasoners: trees of workload A")
+    ap.add_argument("--lr-big-sims", type=int, default=20_000, help="llm-reasoners: simulations of B")
+    ap.add_argument("--check-trees", type=int, default=50, help="A trees compared with pure Python")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of ours (median reported)")
+    ap.add_argument("--prefault", action="store_true", help="keep first-touch page faults out of ours")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-reasoners", action="store_true", help="skip llm-reasoners")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.trees, args.big_sims, args.lr_trees, args.lr_big_sims, args.repeats = 100, 20_000, 5, 2_000, 3
+    args.lr_trees = min(args.lr_trees, args.trees)
+    args.lr_big_sims = min(args.lr_big_sims, args.big_sims)
+    args.check_trees = min(args.check_trees, args.trees)
+
+    rng = np.random.default_rng(args.seed)
+    inputs = {"A": make_inputs(rng, args.trees, args.sims), "B": make_inputs(rng, 1, args.big_sims)}
+    # Compile once on a tiny input of the same types, so no compile time is counted.
+    run_ours(*make_inputs(np.random.default_rng(1), 2, 3))
+
+    reasoners_run, why = (None, "--no-reasoners") if args.no_reasoners else load_reasoners()
+    if reasoners_run is None:
+        print(f"llm-reasoners unavailable ({why}); that reference is skipped")
+
+    print(f"K={K} max_depth={MAX_DEPTH} c_puct={C_PUCT} seed={args.seed} gc={gc.isenabled()} "
+          f"A={args.trees}x{args.sims} B=1x{args.big_sims} prefault={args.prefault} (single-threaded)")
+    rows, summary = [], {}
+    for name, (priors, values) in inputs.items():
+        sims = priors.shape[0] * priors.shape[1]
+        o_s, o_upd, tree = time_ours(priors, values, args.repeats, args.prefault)
+        p_s, p_upd, py_roots = time_python(priors, values)
+
+        # The reference must be the same search, not merely a similar one.
+        check = range(args.check_trees) if name == "A" else range(1)
+        for b in check:
+            assert root_visits_ours(tree, b) == py_roots[b], f"{name} tree {b}: root child visits differ"
+        assert o_upd == p_upd, f"{name}: {o_upd} node updates (ours) vs {p_upd} (pure Python)"
+        print(f"check passed: workload {name}, root child visits identical on {len(check)} tree(s) "
+              f"(e.g. {py_roots[0]}), node updates identical ({o_upd})")
+        del tree, py_roots
+        gc.collect()  # free the reference's objects before the next timing, outside it
+
+        o_rate, p_rate = sims / o_s, sims / p_s
+        rows += [(name, "ours (numba)", sims, o_s, o_rate, o_upd / o_s, 1.0),
+                 (name, "pure Python", sims, p_s, p_rate, p_upd / p_s, o_rate / p_rate)]
+        w = {"sims": sims, "ours_sims_per_s": o_rate, "ours_node_updates_per_s": o_upd / o_s,
+             "python_sims_per_s": p_rate, "python_node_updates_per_s": p_upd / p_s,
+             "ratio_vs_python": o_rate / p_rate}
+
+        if reasoners_run is not None:
+            lr_trees = args.lr_trees if name == "A" else 1
+            lr_sims = args.sims if name == "A" else args.lr_big_sims
+            r_s, r_upd = time_reasoners(reasoners_run, priors[:lr_trees, :lr_sims], values[:lr_trees, :lr_sims])
+            r_rate = lr_trees * lr_sims / r_s
+            rows.append((name, "llm-reasoners", lr_trees * lr_sims, r_s, r_rate, r_upd / r_s, o_rate / r_rate))
+            w.update(reasoners_sims=lr_trees * lr_sims, reasoners_sims_per_s=r_rate,
+                     reasoners_node_updates_per_s=r_upd / r_s, ratio_vs_reasoners=o_rate / r_rate)
+        summary[name] = w
+
+    print(f"\n{'workload':<9}{'implementation':<16}{'sims':>9}{'seconds':>10}{'sims/s':>12}"
+          f"{'updates/s':>12}{'ours x':>9}")
+    for name, impl, sims, sec, rate, upd, ratio in rows:
+        print(f"{name:<9}{impl:<16}{sims:>9}{sec:>10.3f}{rate:>12.4g}{upd:>12.4g}{ratio:>9.1f}")
+    if reasoners_run is not None:
+        print(f"\nllm-reasoners B ran {args.lr_big_sims} of {args.big_sims} simulations: each of its "
+              "selections averages the whole value history of every child it scores, so it slows as "
+              "its tree grows and its full-size rate would be lower; the B ratio is a lower bound.")
+
+    print()
+    targets = {}
+    for name, w in summary.items():
+        checks = {"vs_python": (w["ratio_vs_python"], TARGET_VS_PYTHON, "x pure Python"),
+                  "node_updates_per_s": (w["ours_node_updates_per_s"], TARGET_UPDATES_PER_S, " node updates/s")}
+        if "ratio_vs_reasoners" in w:
+            checks["vs_reasoners"] = (w["ratio_vs_reasoners"], TARGET_VS_REASONERS, "x llm-reasoners")
+        for key, (value, target, unit) in checks.items():
+            ok = value >= target
+            targets[f"{name}_{key}"] = ok
+            print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.4g}{unit} (target >= {target:.4g})")
+
+    print(json.dumps({"workloads": summary, "targets_met": targets, "reasoners_available": reasoners_run is not None,
+                      "check_passed": True, "prefault": args.prefault, "k": K, "max_depth": MAX_DEPTH,
+                      "c_puct": C_PUCT, "seed": args.seed}))
+
+
+if __name__ == "__main__":
+    main()
