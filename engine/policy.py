@@ -99,8 +99,8 @@ class TransformersPolicy:
 
     def _decode(self, batch: list[list[int]], *, max_new_tokens: int, temperature: float,
                 ends: torch.Tensor | None) -> list[tuple[list[int], list[float], bool]]:
-        """Sample with a KV cache, dropping every row from the batch (and from the cache) as soon as
-        it ends, so that compute follows the rows still running rather than the longest one.
+        """Sample with a KV cache, dropping finished rows from the batch (and from the cache) once half
+        of them have ended, so that compute follows the rows still running rather than the longest.
         Returns per row: token ids, their log-probabilities at temperature 1, and whether it ended on
         an end token."""
         from transformers import DynamicCache
@@ -120,33 +120,41 @@ class TransformersPolicy:
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{cache_kw: cache}).logits[:, -1]
         next_pos = positions[:, -1] + 1
-        rows = torch.arange(n, device=self.device)
+        rows = list(range(n))  # original row of each batch position
+        alive = torch.ones(n, dtype=torch.bool, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(n)]
         logps: list[list[float]] = [[] for _ in range(n)]
         finished = [False] * n
         for t in range(max_new_tokens):
             logp = torch.log_softmax(logits.float(), dim=-1)
             if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                tok = torch.multinomial(probs, 1)[:, 0]
+                tok = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
             else:
                 tok = logp.argmax(-1)
             tok_lp = logp.gather(1, tok[:, None])[:, 0]
-            for r, tk, lp in zip(rows.tolist(), tok.tolist(), tok_lp.tolist()):
-                tokens[r].append(tk)
-                logps[r].append(lp)
+            live = alive.tolist()
+            for r, tk, lp, ok in zip(rows, tok.tolist(), tok_lp.tolist(), live):
+                if ok:
+                    tokens[r].append(tk)
+                    logps[r].append(lp)
             if t == max_new_tokens - 1:
                 break
             if ends is not None:
-                done = torch.isin(tok, ends)
+                done = torch.isin(tok, ends) & alive
                 if bool(done.any()):
-                    for r in rows[done].tolist():
-                        finished[r] = True
-                    keep = torch.nonzero(~done)[:, 0]
-                    if keep.numel() == 0:
+                    for j in torch.nonzero(done)[:, 0].tolist():
+                        finished[rows[j]] = True
+                    alive &= ~done
+                    n_alive = int(alive.sum())
+                    if n_alive == 0:
                         break
-                    rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
-                    cache.batch_select_indices(keep)
+                    # Finished rows ride along (their tokens are ignored) until half the batch has
+                    # finished: a forward pass costs little per extra row, a cache copy does not.
+                    if n_alive * 2 <= len(rows):
+                        keep = torch.nonzero(alive)[:, 0]
+                        rows = [rows[j] for j in keep.tolist()]
+                        tok, mask, next_pos, alive = tok[keep], mask[keep], next_pos[keep], alive[keep]
+                        cache.batch_select_indices(keep)
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             logits = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                                 use_cache=True, **{cache_kw: cache}).logits[:, -1]
