@@ -14,7 +14,7 @@ from envs.math_tasks import (
     load_math_jsonl,
     load_tasks,
 )
-from envs.verifier import Verdict, answers_equal, extract_answer, parse_number, verify
+from envs.verifier import Verdict, answers_equal, equation_is_false, extract_answer, parse_number, verify
 
 __all__ = [
     "ARITHMETIC_LEVELS",
@@ -23,6 +23,7 @@ __all__ = [
     "TaskFileError",
     "Verdict",
     "answers_equal",
+    "equation_is_false",
     "arithmetic_task",
     "arithmetic_tasks",
     "extract_answer",

@@ -117,3 +117,28 @@ def test_bad_task_files_have_clear_errors(tmp_path, content, needle):
 def test_missing_task_file():
     with pytest.raises(TaskFileError, match="does not exist"):
         load_tasks("/nonexistent/file.jsonl")
+
+
+def test_check_work_voids_a_lucky_answer():
+    task = {"prompt": "(1+2)*3\n", "answer": "9", "task_id": "t"}
+    env = MathEnv()
+    env.reset(options={"task": task})
+    env.step("1+2=4")  # false line
+    env.step("3*3=9")
+    _, reward, term, _, info = env.step("#### 9")
+    assert term and reward == 0.0 and not info["correct"] and "step 1" in info["verdict"]
+    lenient = MathEnv(check_work=False)
+    lenient.reset(options={"task": task})
+    for line in ("1+2=4", "3*3=9", "#### 9"):
+        _, reward, *_ = lenient.step(line)
+    assert reward == 1.0
+
+
+def test_state_carries_the_wrong_step():
+    env = MathEnv()
+    env.reset(options={"task": {"prompt": "1+1\n", "answer": "2"}})
+    env.step("1+1=3")
+    state = env.get_state()
+    env.reset(options={"task": {"prompt": "1+1\n", "answer": "2"}})
+    env.set_state(state)
+    assert env.step("#### 2")[1] == 0.0

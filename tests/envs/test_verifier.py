@@ -49,3 +49,15 @@ def test_verify_reasons():
     assert not v.correct and v.reason == "different value" and v.answer == "3"
     assert verify("1+1=2\n", "2").reason == "no answer"
     assert verify("#### two", "2").reason == "answer is not a number"
+
+
+@pytest.mark.parametrize(
+    ("line", "false"),
+    [("17*3=51", False), ("17*3=41", True), ("100-1=99", False), ("1/2=0.5", False), ("1/2 = 0.6", True),
+     ("x=3", False), ("5 apples = 3", False), ("#### 4", False), ("12+5", False), ("2*(3+4)=14", False),
+     ("2*(3+4)=15", True)],
+)
+def test_equation_is_false(line, false):
+    from envs import equation_is_false
+
+    assert equation_is_false(line) is false

@@ -62,3 +62,22 @@ def test_train_dpo_rejects_bad_beta(tiny_random):
     model, tok = tiny_random
     with pytest.raises(ValueError, match="beta"):
         train_dpo(model, tok, [], DPOConfig(beta=0.0))
+
+
+def test_sft_records_are_length_balanced_and_learned(tiny_random):
+    from trainers.dpo import _tokenize_sft
+
+    model, tok = tiny_random
+    sft = [{"prompt": f"{a}+1\n", "steps": [f"{a}+1={a + 1}\n", f"#### {a + 1}\n"]} for a in range(10, 40)]
+    sft += [{"prompt": f"({a}+1)*2\n", "steps": [f"{a}+1={a + 1}\n", f"{a + 1}*2={2 * a + 2}\n",
+                                                f"#### {2 * a + 2}\n"]} for a in range(10, 13)]
+    enc = lambda ts: [list(x) for x in tok(ts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    rows, p = _tokenize_sft(sft, enc, max_length=64)
+    assert len(rows) == 33 and p[:30].sum() == pytest.approx(0.5) and p[30:].sum() == pytest.approx(0.5)
+    policy = TransformersPolicy(model, tok)
+    prompts, comps = [r["prompt"] for r in sft], ["".join(r["steps"]) for r in sft]
+    before = policy.logprobs(prompts, comps).mean()
+    pairs = [{"prompt": "1+1\n", "prefix": "", "chosen": "1+1=2\n", "rejected": "1+1=3\n"}] * 16
+    train_dpo(model, tok, pairs, DPOConfig(lr=3e-3, epochs=3, batch_size=8, sft_weight=1.0, beta=0.01),
+              sft_records=sft)
+    assert policy.logprobs(prompts, comps).mean() > before + 5.0
