@@ -46,26 +46,41 @@ def _q_range(b, visits, value_sum, node_count):
     return lo, hi
 
 
-@njit(cache=True)
-def _descend(b, first_child, num_children, visits, value_sum, prior, terminal, c, rule, lo, hi):
-    """The leaf reached from the root of tree ``b`` by always taking the best-scoring child."""
+@njit(cache=True, inline="always")
+def _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi):
+    """The leaf reached from the root by always taking the best-scoring child. Takes one tree's
+    rows (1-D views): indexing a row is cheaper than ``[b, i]`` in the innermost loop."""
+    node = 0
+    if rule == PUCT and not hi > lo:  # the common case: PUCT on raw Q, no per-child rescaling
+        while nc[node] > 0 and not term[node]:
+            first = fc[node]
+            # the parent's term is computed once per node, not once per child
+            explore = c * math.sqrt(max(vis[node], 1))
+            best = first
+            best_score = -np.inf
+            for ch in range(first, first + nc[node]):
+                n = vis[ch]
+                score = ws[ch] / n + explore * pr[ch] / (1.0 + n) if n > 0 else explore * pr[ch]
+                if score > best_score:
+                    best_score = score
+                    best = ch
+            node = best
+        return node
     scale = 1.0 / (hi - lo) if hi > lo else 1.0
     shift = lo if hi > lo else 0.0
-    node = 0
-    while num_children[b, node] > 0 and not terminal[b, node]:
-        first = first_child[b, node]
-        parent_n = max(visits[b, node], 1)
-        # the parent's term is computed once per node, not once per child
+    while nc[node] > 0 and not term[node]:
+        first = fc[node]
+        parent_n = max(vis[node], 1)
         explore = c * math.sqrt(parent_n) if rule == PUCT else c * math.sqrt(math.log(parent_n))
         best = first
         best_score = -np.inf
-        for ch in range(first, first + num_children[b, node]):
-            n = visits[b, ch]
+        for ch in range(first, first + nc[node]):
+            n = vis[ch]
             if n > 0:
-                q = (value_sum[b, ch] / n - shift) * scale
-                score = q + explore * prior[b, ch] / (1.0 + n) if rule == PUCT else q + explore / math.sqrt(n)
+                q = (ws[ch] / n - shift) * scale
+                score = q + explore * pr[ch] / (1.0 + n) if rule == PUCT else q + explore / math.sqrt(n)
             else:
-                score = explore * prior[b, ch] if rule == PUCT else np.inf
+                score = explore * pr[ch] if rule == PUCT else np.inf
             if score > best_score:
                 best_score = score
                 best = ch
@@ -78,8 +93,8 @@ def puct_select(first_child, num_children, visits, value_sum, prior, terminal, c
     """One PUCT leaf per tree, raw Q (ties go to the lowest index). Arrays ``[B, N]``; ``out_leaf``
     ``[B]`` int32."""
     for b in range(first_child.shape[0]):
-        out_leaf[b] = _descend(b, first_child, num_children, visits, value_sum, prior, terminal, c_puct,
-                               PUCT, 0.0, 0.0)
+        out_leaf[b] = _descend(first_child[b], num_children[b], visits[b], value_sum[b], prior[b], terminal[b],
+                               c_puct, PUCT, 0.0, 0.0)
 
 
 @njit(cache=True)
@@ -99,7 +114,8 @@ def select_leaves(parent, first_child, num_children, visits, value_sum, prior, t
         if normalize_q:
             lo, hi = _q_range(b, visits, value_sum, node_count)
         for j in range(num):
-            leaf = _descend(b, first_child, num_children, visits, value_sum, prior, terminal, c, rule, lo, hi)
+            leaf = _descend(first_child[b], num_children[b], visits[b], value_sum[b], prior[b], terminal[b], c,
+                            rule, lo, hi)
             reached[j] = leaf
             out_leaf[b, j] = leaf
             for k in range(j):
@@ -234,23 +250,24 @@ def synthetic_search(parent, depth, first_child, num_children, visits, value_sum
     bsz, sims, k = priors.shape
     updates = 0
     for b in range(bsz):
+        par, dep, fc, nc = parent[b], depth[b], first_child[b], num_children[b]
+        vis, ws, pr, term = visits[b], value_sum[b], prior[b], terminal[b]
         for s in range(sims):
-            leaf = _descend(b, first_child, num_children, visits, value_sum, prior, terminal, c_puct,
-                            PUCT, 0.0, 0.0)
-            if depth[b, leaf] < max_depth and not terminal[b, leaf]:
+            leaf = _descend(fc, nc, vis, ws, pr, term, c_puct, PUCT, 0.0, 0.0)
+            if dep[leaf] < max_depth and not term[leaf]:
                 start = node_count[b]
                 for i in range(k):
-                    parent[b, start + i] = leaf
-                    depth[b, start + i] = depth[b, leaf] + 1
-                    prior[b, start + i] = priors[b, s, i]
-                first_child[b, leaf] = start
-                num_children[b, leaf] = k
+                    par[start + i] = leaf
+                    dep[start + i] = dep[leaf] + 1
+                    pr[start + i] = priors[b, s, i]
+                fc[leaf] = start
+                nc[leaf] = k
                 node_count[b] = start + k
             v = values[b, s]
             node = leaf
             while node >= 0:
-                visits[b, node] += 1
-                value_sum[b, node] += v
-                node = parent[b, node]
+                vis[node] += 1
+                ws[node] += v
+                node = par[node]
                 updates += 1
     return updates
