@@ -48,14 +48,13 @@ def load_policy(model_dir: str | Path, device: str, batch_size: int = 256):
         raise UsageError(f"--model {model_dir}: no config.json there, so it is not a transformers model "
                          "directory; point at the folder written by save_pretrained")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        AutoConfig.from_pretrained(path, local_files_only=True)  # fails fast on a non-model config
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model {model_dir}: cannot be loaded as a causal LM with its tokenizer "
                          f"({first}); it needs config.json, weights and tokenizer files") from None
-    del config
     tokenizer.padding_side = "left"
     return TransformersPolicy(model, tokenizer, device=device, batch_size=batch_size)
 

@@ -215,30 +215,29 @@ def test_synthetic_search_equals_python_reference():
     assert tree.depth.max() == 6
 
 
+def subtree_signature(tree, b, top):
+    """Statistics of every node under ``top`` keyed by the step texts from ``top`` down to it."""
+    out = {}
+    for n in range(tree.node_count[b]):
+        path = [0, *tree.path(b, n)]  # tree.path leaves the root out
+        if top not in path:
+            continue
+        key = tuple(tree.texts[b][i] for i in path[path.index(top) + 1 :])
+        prior = 1.0 if n == top else float(tree.prior[b, n])
+        out[key] = (int(tree.visits[b, n]), float(tree.value_sum[b, n]), prior, bool(tree.terminal[b, n]),
+                    int(tree.num_children[b, n]))
+    return out
+
+
 def test_reroot_keeps_statistics():
     tree = random_tree(np.random.default_rng(3), batch=2, expansions=40)
     b = 1
     child = next(c for c in tree.children(b, 0) if tree.num_children[b, c] > 0)
-    depth0 = len(tree.path(b, child))
-
-    def signature():
-        out = {}
-        for n in range(tree.node_count[b]):
-            path = tree.path(b, n)
-            if child in path or n == child or tree.depth[b, child] == 0:
-                key = tuple(tree.texts[b][i] for i in path[depth0 if child in path else 0:])
-                prior = float(tree.prior[b, n]) if key else 1.0
-                out[key] = (int(tree.visits[b, n]), float(tree.value_sum[b, n]), prior, bool(tree.terminal[b, n]),
-                            int(tree.num_children[b, n]))
-        return out
-
-    before = signature()
+    before = subtree_signature(tree, b, child)
+    committed_text = tree.prefix_text(b, child)
     other = (tree.visits[0].copy(), int(tree.node_count[0]))
-    committed = tree.reroot(b, child)
-    assert committed == tree.texts[b][0] + "" or committed.endswith("\n")
-    child = 0
-    depth0 = 0
-    assert signature() == before and tree.node_count[b] == len(before)
+    assert tree.reroot(b, child) == committed_text
+    assert subtree_signature(tree, b, 0) == before and tree.node_count[b] == len(before)
     assert tree.parent[b, 0] == -1 and tree.depth[b, 0] == 0 and tree.texts[b][0] == ""
     for n in range(1, tree.node_count[b]):
         p = tree.parent[b, n]
