@@ -21,7 +21,8 @@ def _fail(message: str) -> int:
 
 
 def _bootstrap(args: BootstrapArgs, console) -> int:
-    from engine.loop import evaluate, load_policy
+    from engine.evaluate import evaluate
+    from engine.loop import load_policy
     from engine.tiny_model import BootstrapConfig, bootstrap
     from envs import heldout_arithmetic_tasks
 

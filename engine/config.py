@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BootstrapArgs", "ConfigError", "TrainConfig", "validate"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is unusable; the message names the field and the fix."""
+__all__ = ["BootstrapArgs", "TrainConfig", "validate"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +138,3 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--name {cfg.name!r} must be a plain directory name (no '/', not starting with '.')")
     return problems
 
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

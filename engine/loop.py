@@ -18,13 +18,14 @@ from rich.table import Table
 
 from engine.config import TrainConfig
 from engine.errors import UsageError
+from engine.evaluate import evaluate
 from engine.run_dir import append_jsonl, save_model_atomic, write_json, write_jsonl
 from engine.search_runner import rollout_trajectories, run_search
-from envs import MathEnv, TaskFileError, arithmetic_tasks, heldout_arithmetic_tasks, load_tasks, verify
+from envs import MathEnv, TaskFileError, arithmetic_tasks, heldout_arithmetic_tasks, load_tasks
 from search import extract_pairs, extract_trajectories, tree_to_dict
 from trainers import DPOConfig, train_dpo
 
-__all__ = ["evaluate", "load_policy", "prepare", "train"]
+__all__ = ["correct_solutions", "load_policy", "mcnemar", "prepare", "train"]
 
 RUN_FORMAT = 1
 
@@ -57,17 +58,6 @@ def load_policy(model_dir: str | Path, device: str, batch_size: int = 256):
                          f"({first}); it needs config.json, weights and tokenizer files") from None
     tokenizer.padding_side = "left"
     return TransformersPolicy(model, tokenizer, device=device, batch_size=batch_size)
-
-
-def evaluate(policy, tasks: list[dict], max_new_tokens: int) -> dict:
-    """Greedy accuracy on ``tasks``, overall and per difficulty level."""
-    samples = policy.generate([t["prompt"] for t in tasks], temperature=0.0,
-                              max_new_tokens=max_new_tokens, stop=None)
-    correct = np.array([verify(s[0].text, t["answer"]).correct for s, t in zip(samples, tasks)], float)
-    levels = np.array([t.get("level", 0) for t in tasks])
-    per_level = {str(int(lv)): float(correct[levels == lv].mean()) for lv in np.unique(levels)}
-    return {"heldout_accuracy": float(correct.mean()), "heldout_by_level": per_level,
-            "heldout_correct": correct.astype(int).tolist()}
 
 
 def prepare(cfg: TrainConfig) -> Path:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from envs import ARITHMETIC_LEVELS, arithmetic_tasks, heldout_arithmetic_tasks
@@ -115,15 +114,6 @@ def build_model(config: BootstrapConfig, vocab_size: int, pad_id: int, eos_id: i
     return LlamaForCausalLM(cfg)
 
 
-def greedy_accuracy(policy, tasks: list[dict], max_new_tokens: int = 96) -> np.ndarray:
-    """Per-task 0/1 correctness of the greedy solution (the verifier judges the text)."""
-    from envs import verify
-
-    samples = policy.generate([t["prompt"] for t in tasks], temperature=0.0,
-                              max_new_tokens=max_new_tokens, stop=None)
-    return np.array([verify(s[0].text, t["answer"]).correct for s, t in zip(samples, tasks)], float)
-
-
 def _batch(tasks: list[dict], char_ids: dict[str, int], eos_id: int, pad_id: int):
     seqs, labels = [], []
     for t in tasks:
@@ -148,6 +138,7 @@ def train_tiny_model(
     """Train from scratch and save model + tokenizer to ``out_dir``; returns a summary dict."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from engine.evaluate import evaluate
     from engine.policy import TransformersPolicy
 
     t0 = time.time()
@@ -193,7 +184,7 @@ def train_tiny_model(
             tokens += int(mask.sum())
             loss_v = loss.item()
             if step % config.eval_every == 0:
-                acc = float(greedy_accuracy(policy, quick).mean())
+                acc = evaluate(policy, quick, max_new_tokens=96)["heldout_accuracy"]
                 history.append({"step": step, "loss": loss_v, "quick_accuracy": acc})
                 bar.console.print(f"  step {step}: loss {loss_v:.3f}, quick greedy accuracy {acc:.1%} "
                                   f"({time.time() - t0:.0f}s)")
