@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import gymnasium as gym
@@ -20,8 +21,12 @@ MAX_ACTION_CHARS = 512
 MAX_OBS_CHARS = 65_536
 
 
+_OUTSIDE_CHARSET = re.compile("[^\t\n\x20-\u2fff]")
+
+
 def _sanitise(text: str) -> str:
-    return "".join(c if c in TEXT_CHARSET else "?" for c in text)
+    """``text`` with every character outside ``TEXT_CHARSET`` replaced by ``?``."""
+    return _OUTSIDE_CHARSET.sub("?", text)
 
 
 class MathEnv(gym.Env):

@@ -142,3 +142,12 @@ def test_state_carries_the_wrong_step():
     env.reset(options={"task": {"prompt": "1+1\n", "answer": "2"}})
     env.set_state(state)
     assert env.step("#### 2")[1] == 0.0
+
+
+def test_sanitise_matches_the_charset():
+    from envs.math_env import TEXT_CHARSET, _sanitise
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        text = "".join(chr(int(c)) for c in rng.integers(0, 0x3100, 40))
+        assert _sanitise(text) == "".join(c if c in TEXT_CHARSET else "?" for c in text)
