@@ -72,6 +72,10 @@ class TrainConfig:
     """Smallest Q difference between best and worst sibling that yields a pair."""
 
     # training
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """Preference loss: DPO (sigmoid), IPO, hinge (SLiC) or robust DPO."""
+    label_smoothing: float = 0.0
+    """Label-flip rate for sigmoid (conservative DPO) and robust; must be in [0, 0.5)."""
     beta: float = 0.01
     """DPO beta (strength of the preference term; larger values hurt the tiny default, see README)."""
     lr: float = 1e-4
@@ -132,6 +136,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--alpha must be in [0, 1], got {cfg.alpha}")
     if cfg.leaf_eval == "outcome" and cfg.search in ("tot-bfs", "tot-dfs"):
         problems.append("--leaf-eval outcome needs --search mcts (tree-of-thoughts ranks nodes by value)")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        problems.append(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.threads < 0:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name.startswith(".")):

@@ -219,7 +219,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
                       f"{len(pairs)} step pairs; {solved} tasks solved by some path")
         t0 = time.time()
         dpo_cfg = DPOConfig(beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                            sft_weight=cfg.sft_weight, seed=cfg.seed * 1_000 + it)
+                            sft_weight=cfg.sft_weight, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
+                            seed=cfg.seed * 1_000 + it)
         with _progress(console) as bar:
             job = bar.add_task(f"iter {it} train", total=None, info="")
             summary = train_dpo(policy.model, policy.tokenizer, pairs, dpo_cfg, sft_records=sft_records,

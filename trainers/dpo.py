@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trainers.collate import TokenizedPair, pad_sequences, tokenize_pairs
-from trainers.losses import dpo_loss, implicit_rewards
+from trainers.losses import LOSSES, implicit_rewards, preference_loss
 
 __all__ = ["DPOConfig", "sequence_logps", "train_dpo"]
 
@@ -37,8 +37,10 @@ class DPOConfig:
     sft_weight: float = 0.0
     """Weight of the per-token NLL term (RPO); 0 disables it. It applies to ``sft_records`` when
     those are given (verified-correct whole solutions), else to the chosen continuations."""
+    loss: str = "sigmoid"
+    """Preference loss: sigmoid (DPO), ipo, hinge or robust (see trainers.losses)."""
     label_smoothing: float = 0.0
-    """Conservative-DPO label smoothing epsilon; 0 is plain DPO."""
+    """Label-flip rate epsilon for sigmoid (conservative DPO) and robust; 0 is plain DPO."""
     max_length: int = 512
     """Longest tokenised ``prompt + prefix + continuation``; the prefix is cut from the left."""
     max_grad_norm: float = 1.0
@@ -106,6 +108,8 @@ def train_dpo(
     ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``)."""
     if config.beta <= 0 or not math.isfinite(config.beta):
         raise ValueError(f"beta must be a positive number, got {config.beta}")
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -144,7 +148,8 @@ def train_dpo(
             batch = [pairs[i] for i in idx]
             pc, pr, len_c = _pair_logps(model, batch, pad_id, device)
             rc, rr = ref_c[idx].to(device), ref_r[idx].to(device)
-            losses = dpo_loss(pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing)
+            losses = preference_loss(config.loss, pc, pr, rc, rr, beta=config.beta,
+                                     label_smoothing=config.label_smoothing)
             loss = losses.mean()
             if config.sft_weight > 0 and sft:
                 rows = [sft[int(i)] for i in rng.choice(len(sft), size=config.batch_size, p=sft_p)]

@@ -51,6 +51,7 @@ def test_train_smoke(tmp_path, trained_model_dir):
         (["--name", "../escape"], "plain directory name"),
         (["--search", "tot-bfs", "--leaf-eval", "outcome"], "needs --search mcts"),
         (["--alpha", "2"], "--alpha must be in [0, 1]"),
+        (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
     ],
 )
 def test_bad_flags_exit_2_and_write_nothing(tmp_path, args, needle):

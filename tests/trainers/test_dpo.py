@@ -81,3 +81,23 @@ def test_sft_records_are_length_balanced_and_learned(tiny_random):
     train_dpo(model, tok, pairs, DPOConfig(lr=3e-3, epochs=3, batch_size=8, sft_weight=1.0, beta=0.01),
               sft_records=sft)
     assert policy.logprobs(prompts, comps).mean() > before + 5.0
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust"])
+def test_train_with_other_losses_raises_margin(tiny_random, loss):
+    model, tok = tiny_random
+    recs = [{"prompt": f"{a}+1\n", "prefix": "", "chosen": f"{a}+1={a + 1}\n", "rejected": f"{a}+1={a + 2}\n"}
+            for a in range(10, 26)]
+    policy = TransformersPolicy(model, tok)
+    p = [r["prompt"] for r in recs]
+
+    def margin():
+        return float(np.mean(policy.logprobs(p, [r["chosen"] for r in recs])
+                             - policy.logprobs(p, [r["rejected"] for r in recs])))
+
+    before = margin()
+    train_dpo(model, tok, recs, DPOConfig(lr=3e-3, epochs=4, batch_size=8, beta=0.1, loss=loss,
+                                          label_smoothing=0.1 if loss == "robust" else 0.0))
+    assert margin() > before + 0.3
+    with pytest.raises(ValueError, match="unknown loss"):
+        train_dpo(model, tok, recs, DPOConfig(loss="nope"))

@@ -37,3 +37,33 @@ def test_gradient_raises_chosen_over_rejected():
 
 def test_implicit_rewards():
     assert implicit_rewards(torch.tensor([-1.0]), torch.tensor([-3.0]), 0.1).item() == pytest.approx(0.2)
+
+
+ONE = tuple(map(torch.tensor, ([-1.0], [-2.0], [-1.5], [-1.5])))  # h = 0.5 - (-0.5) = 1.0
+
+
+def test_ipo_hinge_robust_hand_values():
+    from trainers import hinge_loss, ipo_loss, preference_loss, robust_dpo_loss
+
+    assert ipo_loss(*ONE, beta=0.25).item() == pytest.approx((1.0 - 2.0) ** 2)
+    assert hinge_loss(*ONE, beta=0.5).item() == pytest.approx(0.5)
+    assert hinge_loss(*ONE, beta=2.0).item() == 0.0
+    lw = -math.log(1 / (1 + math.exp(-0.1)))
+    ll = -math.log(1 / (1 + math.exp(0.1)))
+    assert robust_dpo_loss(*ONE, beta=0.1, label_smoothing=0.2).item() == pytest.approx((0.8 * lw - 0.2 * ll) / 0.6)
+    assert robust_dpo_loss(*ONE, beta=0.1).item() == pytest.approx(dpo_loss(*ONE, beta=0.1).item())
+    for kind in ("sigmoid", "ipo", "hinge", "robust"):
+        assert preference_loss(kind, *ONE, beta=0.1).shape == (1,)
+    with pytest.raises(ValueError, match="unknown loss"):
+        preference_loss("bogus", *ONE, beta=0.1)
+
+
+@pytest.mark.parametrize("kind", ["ipo", "hinge", "robust"])
+def test_every_loss_prefers_chosen(kind):
+    from trainers import preference_loss
+
+    pc = torch.tensor([-2.0], requires_grad=True)
+    pr = torch.tensor([-2.0], requires_grad=True)
+    preference_loss(kind, pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1,
+                    label_smoothing=0.1 if kind == "robust" else 0.0).sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
