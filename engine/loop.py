@@ -271,6 +271,8 @@ def _plot(run: Path, rows: list[dict]) -> None:
     a.plot(its, [r["heldout_accuracy"] for r in rows], "o-", label="all")
     for lv in sorted({k for r in rows for k in r["heldout_by_level"]}, key=int):
         a.plot(its, [r["heldout_by_level"].get(lv) for r in rows], ".--", alpha=0.6, label=f"L{lv}")
+    a.set_xticks(its)
+    b.set_xticks(its)
     a.set_xlabel("iteration")
     a.set_ylabel("held-out accuracy")
     a.legend(fontsize=7)
