@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         with _progress(console) as bar:
             job = bar.add_task(f"iter {it} search", total=cfg.simulations, info=f"{len(tasks)} trees")
             tree = run_search(policy, env, tasks, cfg, rollout_record=record,
-                            progress=lambda d, n, bar=bar, job=job: bar.update(job, completed=d, total=n))
+                              progress=lambda d, n, bar=bar, job=job: bar.update(job, completed=d, total=n))
         search_s = time.time() - t0
         pairs = extract_pairs(tree, prompts=prompts, task_ids=ids, iteration=it, min_q_gap=cfg.min_q_gap)
         trajs = [{**t, "source": "tree"} for t in extract_trajectories(tree, prompts=prompts, task_ids=ids,

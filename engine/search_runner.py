@@ -15,6 +15,7 @@ __all__ = [
     "make_self_eval_fn",
     "mix_evaluators",
     "play_out",
+    "walk_lines",
     "rollout_trajectories",
     "run_search",
 ]
@@ -25,19 +26,28 @@ def _line(text: str) -> str:
     return text.split("\n", 1)[0] + "\n"
 
 
-def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
-    """Step ``env`` from ``state`` through the lines of ``continuation``. Returns the final reward
-    (0 when the text ends before the episode does) and the steps taken, each ending in a newline."""
+def walk_lines(env, state, continuation: str) -> list[Candidate]:
+    """Step ``env`` from ``state`` through the non-empty lines of ``continuation`` until the episode
+    ends; one step (text ending in a newline, reward, terminal flag, state after it) per line taken."""
     env.set_state(state)
-    steps: list[str] = []
+    steps: list[Candidate] = []
     for line in continuation.split("\n"):
         if not line.strip():
             continue
         _, reward, terminated, truncated, _ = env.step(line)
-        steps.append(_line(line))
+        steps.append(Candidate(_line(line), 0.0, 1, reward=float(reward), terminal=bool(terminated or truncated),
+                               state=env.get_state()))
         if terminated or truncated:
-            return float(reward), steps
-    return 0.0, steps
+            break
+    return steps
+
+
+def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
+    """Step ``env`` from ``state`` through the lines of ``continuation``. Returns the final reward
+    (0 when the text ends before the episode does) and the steps taken, each ending in a newline."""
+    steps = walk_lines(env, state, continuation)
+    reward = steps[-1].reward if steps and steps[-1].terminal else 0.0
+    return reward, [c.text for c in steps]
 
 
 def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, temperature: float,
@@ -125,21 +135,8 @@ def make_sample_fn(policy, env, prompts: Sequence[str], *, temperature: float, m
                                   max_new_tokens=max_new_tokens, stop=None)
         out = []
         for b, n, group in zip(tree_index, node_index, samples):
-            trajs = []
-            for s in group:
-                env.set_state(tree.states[b][n])
-                steps = []
-                for line in s.text.split("\n"):
-                    if not line.strip():
-                        continue
-                    _, reward, term, trunc, _ = env.step(line)
-                    steps.append(Candidate(_line(line), 0.0, 1, reward=float(reward), terminal=bool(term or trunc),
-                                           state=env.get_state()))
-                    if term or trunc:
-                        break
-                if steps:
-                    trajs.append(steps)
-            out.append(trajs)
+            trajs = [walk_lines(env, tree.states[b][n], s.text) for s in group]
+            out.append([t for t in trajs if t])
         return out
 
     return sample_fn
