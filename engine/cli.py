@@ -1,22 +1,29 @@
 """``engine``: the command line, generated from the config dataclasses by tyro.
 
-    engine train --env math [--model DIR] [--iterations N] [--seed S] [--name NAME] [--runs-dir DIR]
+    engine train --env math [--config FILE] [--model DIR] [--iterations N] [--seed S] [--name NAME]
+    engine train --resume runs/NAME [--allow-config-change --iterations N]
     engine bootstrap [--seed S]
+
+Option values come from the defaults, then ``--config FILE`` (or, with ``--resume``, the run's own
+config.json), then the flags.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 
-from engine.config import BootstrapArgs, TrainConfig, validate
+from engine.config import SAFE_ON_RESUME, BootstrapArgs, TrainConfig, config_changes, load_config_file, validate
 from engine.errors import UsageError
 
 __all__ = ["main"]
 
 
 def _fail(message: str) -> int:
-    """One unwrapped line on stderr; exit code 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """One unwrapped ``error:`` line per problem on stderr; exit code 2."""
+    for line in str(message).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -37,29 +44,71 @@ def _bootstrap(args: BootstrapArgs, console) -> int:
     return 0
 
 
+def _train_config(argv: list[str]) -> tuple[TrainConfig, TrainConfig | None]:
+    """(the configuration to run, the saved one when resuming). Layers: defaults, then the config
+    file or the resumed run's config.json, then the flags."""
+    import tyro
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--resume")
+    known, _ = pre.parse_known_args(argv)
+    base = saved = None
+    if known.resume is not None:
+        from engine.loop import load_run_config
+
+        base = saved = load_run_config(known.resume)
+    if known.config is not None:
+        values = load_config_file(known.config)
+        base = dataclasses.replace(base or TrainConfig(), **values)
+    cfg = tyro.cli(TrainConfig, default=base or TrainConfig(), args=argv, prog="engine train",
+                   description=TrainConfig.__doc__)
+    return cfg, saved
+
+
+def _check_resume(saved: TrainConfig, cfg: TrainConfig) -> None:
+    changes = config_changes(saved, cfg)
+    if not changes:
+        return
+    listed = "; ".join(f"{k.replace('_', '-')}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    unsafe = [k for k in changes if k not in SAFE_ON_RESUME]
+    if unsafe:
+        raise UsageError(f"--resume {cfg.resume}: the configuration differs from the run's ({listed}); "
+                         f"{', '.join('--' + k.replace('_', '-') for k in unsafe)} cannot change within a run. "
+                         "Drop those flags, or start a new run (--config <run>/config.json with the new values)")
+    if not cfg.allow_config_change:
+        raise UsageError(f"--resume {cfg.resume}: the configuration differs from the run's ({listed}); "
+                         "pass --allow-config-change to accept (safe to change mid-run: "
+                         f"{', '.join(SAFE_ON_RESUME)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     import tyro
     from rich.console import Console
 
     console = Console(stderr=False)
-    args = tyro.extras.subcommand_cli_from_dict(
-        {"train": TrainConfig, "bootstrap": BootstrapArgs},
-        prog="engine",
-        description="Tree-search preference training for language-model reasoning.",
-        args=sys.argv[1:] if argv is None else argv,
-    )
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] == "train":
+            cfg, saved = _train_config(argv[1:])
+            problems = validate(cfg)
+            if problems:
+                return _fail("\n".join(problems))
+            if saved is not None:
+                _check_resume(saved, cfg)
+            from engine.loop import train
+
+            train(cfg, console)
+            return 0
+        args = tyro.extras.subcommand_cli_from_dict(
+            {"train": TrainConfig, "bootstrap": BootstrapArgs},
+            prog="engine",
+            description="Tree-search preference training for language-model reasoning.",
+            args=argv,
+        )
         if isinstance(args, BootstrapArgs):
             return _bootstrap(args, console)
-        problems = validate(args)
-        if problems:
-            for p in problems:
-                _fail(p)
-            return 2
-        from engine.loop import train
-
-        train(args, console)
-        return 0
+        return _fail("use `engine train ...`")
     except UsageError as exc:
         return _fail(str(exc))
 

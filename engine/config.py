@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+import types
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["BootstrapArgs", "TrainConfig", "validate"]
+from engine.errors import UsageError
+
+__all__ = ["BootstrapArgs", "RUN_ONLY", "SAFE_ON_RESUME", "TrainConfig", "config_changes", "load_config_file",
+           "run_fields", "validate", "values_from_mapping"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,15 @@ class TrainConfig:
     """Directory that holds run directories."""
     task_file: str | None = None
     """GSM8K or MATH JSONL file of tasks for training and evaluation (default: generated arithmetic)."""
+    config: str | None = None
+    """YAML or JSON file of options, keyed by the names below (``beta: 0.02``, dashes or underscores);
+    flags given as well override the file. A run's own config.json works too."""
+    resume: str | None = None
+    """Continue the run in this directory from its last completed stage (search, extract, train,
+    eval) with the same results as an uninterrupted run. Other flags must match the run's config."""
+    allow_config_change: bool = False
+    """With --resume: accept changes to the options that are safe to change mid-run (iterations,
+    threads, device); any other change is refused."""
 
     # search
     search: Literal["mcts", "tot-bfs", "tot-dfs", "sample"] = "mcts"
@@ -110,6 +127,100 @@ class BootstrapArgs:
     """Held-out problems to report accuracy on."""
 
 
+RUN_ONLY = ("config", "resume", "allow_config_change")
+"""Options about this invocation, not part of a run's configuration."""
+SAFE_ON_RESUME = ("iterations", "threads", "device")
+"""Options a resumed run may change (with --allow-config-change)."""
+_IGNORED_KEYS = ("format", "model_dir")  # written into a run's config.json beside the options
+
+
+def run_fields(cfg: TrainConfig) -> dict:
+    """The options that define a run (what config.json stores)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
+
+
+def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
+    """``{field: (saved value, new value)}`` for the run options that differ (name and runs_dir,
+    which only locate the run, excluded)."""
+    a, b = run_fields(saved), run_fields(new)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ("name", "runs_dir")}
+
+
+def _describe(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, str(tp))
+
+
+def _matches(value, tp) -> bool:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def values_from_mapping(data, *, source: str) -> dict:
+    """Validated option values from a mapping (a config file, a run's config.json). Every unknown
+    key and every value of the wrong type is reported at once, in one :class:`UsageError`."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
+    hints = get_type_hints(TrainConfig)
+    known = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_ONLY]
+    problems, values = [], {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key in _IGNORED_KEYS:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            problems.append(f"{source}: unknown option {raw_key!r}{hint}")
+        elif not _matches(value, hints[key]):
+            problems.append(f"{source}: {raw_key} must be {_describe(hints[key])}, got {value!r}")
+        else:
+            values[key] = float(value) if hints[key] is float else value
+    if problems:
+        raise UsageError("\n".join(problems))
+    return values
+
+
+def load_config_file(path: str) -> dict:
+    """Option values from a YAML (``.yaml``/``.yml``) or JSON file, validated."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file; give a YAML or JSON file of options")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {path}: cannot be read ({exc})") from None
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        kind = "YAML" if p.suffix.lower() in (".yaml", ".yml") else "JSON"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--config {path}: not valid {kind} ({first})") from None
+    return values_from_mapping({} if data is None else data, source=f"--config {path}")
+
+
 _POSITIVE_INT = ("iterations", "tasks_per_iteration", "simulations", "num_candidates", "rollouts",
                  "sft_per_task", "leaves_per_tree", "beam_width", "max_depth", "step_max_tokens", "epochs",
                  "batch_size", "heldout_size", "max_new_tokens")
@@ -140,6 +251,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.threads < 0:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.allow_config_change and cfg.resume is None:
+        problems.append("--allow-config-change only applies with --resume RUN_DIR")
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name.startswith(".")):
         problems.append(f"--name {cfg.name!r} must be a plain directory name (no '/', not starting with '.')")
     return problems

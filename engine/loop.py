@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
+import shutil
+import signal
 import tempfile
 import time
 from itertools import islice
@@ -16,18 +17,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.config import TrainConfig
+from engine.config import TrainConfig, run_fields, values_from_mapping
 from engine.errors import UsageError
 from engine.evaluate import evaluate
-from engine.run_dir import append_jsonl, save_model_atomic, write_json, write_jsonl
+from engine.run_dir import (
+    RunLock,
+    disk_full_guard,
+    file_sha256,
+    read_json,
+    read_jsonl,
+    save_model_atomic,
+    tree_checksums,
+    write_json,
+    write_jsonl,
+)
 from engine.search_runner import rollout_trajectories, run_search
 from envs import MathEnv, TaskFileError, arithmetic_tasks, heldout_arithmetic_tasks, load_tasks
-from search import extract_pairs, extract_trajectories, tree_to_dict
+from search import extract_pairs, extract_trajectories, tree_to_dict, trees_from_dicts
 from trainers import DPOConfig, train_dpo
 
-__all__ = ["correct_solutions", "load_policy", "mcnemar", "prepare", "train"]
+__all__ = ["STAGES", "correct_solutions", "load_policy", "load_run_config", "mcnemar", "prepare", "train"]
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2
+"""Version of the run-directory layout; a run of another format is not resumed."""
 
 
 def _progress(console: Console) -> Progress:
@@ -148,92 +160,295 @@ def _task_sources(cfg: TrainConfig):
     return heldout, cycle()
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> Path:
-    """Run the whole loop for ``cfg``; returns the run directory."""
-    from engine.tiny_model import BootstrapConfig, bootstrap
+STAGES = ("search", "extract", "train", "eval")
+"""The stages of one iteration, in order; iteration 0 has only ``eval`` (the start model)."""
 
-    console = console or Console()
-    run = prepare(cfg)
-    t_start = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model_dir = cfg.model or str(bootstrap(BootstrapConfig(seed=cfg.seed), log=console.print))
-    policy = load_policy(model_dir, cfg.device)
-    heldout, train_stream = _task_sources(cfg)
-    env = MathEnv(max_steps=cfg.max_depth)
 
-    run.mkdir(parents=True)
-    write_json(run / "config.json", {"format": RUN_FORMAT, "model_dir": str(model_dir),
-                                     **dataclasses.asdict(cfg)})
-    console.print(f"run directory: {run}")
-    metrics_path = run / "metrics.jsonl"
-    rows: list[dict] = []
-    correct: list[list[int]] = []
+def load_run_config(path: str | os.PathLike) -> TrainConfig:
+    """The configuration stored in run directory ``path`` (for ``--resume``); a :class:`UsageError`
+    when it is not a run directory or was written by an incompatible version."""
+    run = Path(path)
+    if not run.is_dir():
+        raise UsageError(f"--resume {path}: no such run directory; give a directory under your --runs-dir")
+    if not (run / "config.json").is_file():
+        raise UsageError(f"--resume {path}: no config.json there, so it is not a run directory")
+    data = read_json(run / "config.json")
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt != RUN_FORMAT:
+        raise UsageError(f"--resume {path}: written by an incompatible version of the engine (run format {fmt!r}; "
+                         f"this version reads format {RUN_FORMAT}); resume it with the version that wrote it, "
+                         "or start a new run")
+    return TrainConfig(**values_from_mapping(data, source=str(run / "config.json")))
 
-    def log_eval(iteration: int, extra: dict) -> None:
-        t = time.time()
-        with console.status(f"evaluating {len(heldout)} held-out problems (greedy)"):
-            ev = evaluate(policy, heldout, cfg.max_new_tokens)
-        row = {"iteration": iteration, "heldout_accuracy": ev["heldout_accuracy"],
-               "heldout_by_level": ev["heldout_by_level"], "eval_s": time.time() - t, **extra,
-               "wall_s": time.time() - t_start}
-        it_dir = run / f"iter_{iteration:03d}"
-        it_dir.mkdir(exist_ok=True)
-        write_jsonl(it_dir / "heldout_correct.jsonl",
-                    [{"task_id": t["task_id"], "correct": c} for t, c in zip(heldout, ev["heldout_correct"])])
-        correct.append(ev["heldout_correct"])
-        if iteration:
-            row.update(mcnemar(correct[0], correct[-1]))
-        append_jsonl(metrics_path, row)
-        rows.append(row)
-        levels = "  ".join(f"L{k}:{v:.1%}" for k, v in row["heldout_by_level"].items())
-        console.print(f"iteration {iteration}: held-out accuracy {row['heldout_accuracy']:.1%}  ({levels})")
 
-    log_eval(0, {"num_pairs": 0})
-    for it in range(1, cfg.iterations + 1):
-        it_dir = run / f"iter_{it:03d}"
-        it_dir.mkdir(exist_ok=True)
-        tasks = list(islice(train_stream, cfg.tasks_per_iteration))
-        prompts = [t["prompt"] for t in tasks]
-        ids = [t["task_id"] for t in tasks]
+def _iteration_tasks(cfg: TrainConfig, it: int) -> list[dict]:
+    """The training tasks of iteration ``it`` (a fixed slice of the seeded task stream)."""
+    _, stream = _task_sources(cfg)
+    start = (it - 1) * cfg.tasks_per_iteration
+    return list(islice(stream, start, start + cfg.tasks_per_iteration))
+
+
+def _failpoint(key: str) -> None:
+    """Crash-safety testing: ``ENGINE_KILL_AT=<iteration>/<stage>`` makes the process SIGKILL itself
+    in the middle of that stage (outputs partly written, completion not yet recorded)."""
+    if os.environ.get("ENGINE_KILL_AT") == key:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Run:
+    """A run directory being written: its state file, the loaded policy and the stage functions.
+    Every stage reads its inputs from disk and writes its outputs atomically, so a resumed stage
+    sees exactly what an uninterrupted one would."""
+
+    def __init__(self, cfg: TrainConfig, run: Path, model_dir: str, state: dict, console: Console, policy=None):
+        self.cfg, self.run, self.model_dir, self.state, self.console = cfg, run, model_dir, state, console
+        self.heldout, _ = _task_sources(cfg)
+        self.env = MathEnv(max_steps=cfg.max_depth)
+        self.policy = policy
+        # the iteration whose weights the policy holds (0: the start model; None: none or in training)
+        self.loaded: int | None = 0 if policy is not None else None
+        self._verified: set[str] = set()
+        self._t0 = time.time()
+        self._elapsed0 = float(state.get("elapsed_s", 0.0))
+
+    def elapsed(self) -> float:
+        return self._elapsed0 + time.time() - self._t0
+
+    def it_dir(self, it: int) -> Path:
+        d = self.run / f"iter_{it:03d}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    # state ---------------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        write_json(self.run / "state.json", self.state)
+
+    def complete(self, key: str, outputs: list[Path], info: dict | None = None) -> None:
+        """Record stage ``key`` as done, with checksums of its (already durable) outputs."""
+        self.state["checksums"].update(tree_checksums(self.run, outputs))
+        if info:
+            self.state["info"].setdefault(key.split("/")[0], {}).update(info)
+        self.state["done"].append(key)
+        self.state["running"] = None
+        self.state["elapsed_s"] = self.elapsed()
+        self.save_state()
+
+    def needs(self, it: int, stage: str) -> list[str]:
+        """The recorded files stage ``it/stage`` reads."""
+        d = f"iter_{it:03d}"
+        models = {"search": it - 1, "train": it - 1, "eval": it}
+        files = {"extract": [f"{d}/trees.json", f"{d}/rollouts.jsonl"], "train": [f"{d}/pairs.jsonl", f"{d}/sft.jsonl"],
+                 "eval": ["iter_000/heldout_correct.jsonl"] if it else []}.get(stage, [])
+        k = models.get(stage, 0)
+        return files + ([f"iter_{k:03d}/model"] if k > 0 else [])
+
+    def verify(self, *rel: str) -> None:
+        """Check that files recorded at stage completion are present and unchanged."""
+        for prefix in rel:
+            if prefix in self._verified:
+                continue
+            self._verified.add(prefix)
+            recorded = {k: v for k, v in self.state["checksums"].items() if k == prefix or k.startswith(prefix + "/")}
+            for name, digest in recorded.items():
+                f = self.run / name
+                if not f.is_file():
+                    raise UsageError(f"{f} is missing, though the stage that wrote it completed; restore it from "
+                                     "a backup or start a new run (nothing was changed)")
+                if file_sha256(f) != digest:
+                    raise UsageError(f"{f} is corrupt or truncated (its checksum differs from the one recorded when "
+                                     "it was written); restore it from a backup or start a new run "
+                                     "(nothing was changed)")
+
+    # model ---------------------------------------------------------------------------------------
+    def use_model(self, it: int) -> None:
+        """Make the policy hold the weights after iteration ``it`` (0: the start model)."""
+        if self.loaded == it:
+            return
+        if it == 0:
+            path = self.model_dir
+        else:
+            self.verify(f"iter_{it:03d}/model")
+            path = self.run / f"iter_{it:03d}" / "model"
+        self.policy = load_policy(path, self.cfg.device)
+        self.loaded = it
+
+    # stages --------------------------------------------------------------------------------------
+    def search(self, it: int) -> None:
+        cfg = self.cfg
+        self.use_model(it - 1)
+        tasks = _iteration_tasks(cfg, it)
         torch.manual_seed(cfg.seed * 1_000 + it)
         t0 = time.time()
         record: list = []
-        with _progress(console) as bar:
+        key = f"{it}/search"
+
+        def progress(done, total, bar, job):
+            bar.update(job, completed=done, total=total)
+            if 0 < done < total:
+                _failpoint(key)
+
+        with _progress(self.console) as bar:
             job = bar.add_task(f"iter {it} search", total=cfg.simulations, info=f"{len(tasks)} trees")
-            tree = run_search(policy, env, tasks, cfg, rollout_record=record,
-                              progress=lambda d, n, bar=bar, job=job: bar.update(job, completed=d, total=n))
+            tree = run_search(self.policy, self.env, tasks, cfg, rollout_record=record,
+                              progress=lambda d, n: progress(d, n, bar, job))
         search_s = time.time() - t0
+        d = self.it_dir(it)
+        write_json(d / "trees.json", [tree_to_dict(tree, b, meta={"task_id": t["task_id"], "prompt": t["prompt"]})
+                                      for b, t in enumerate(tasks)])
+        write_jsonl(d / "rollouts.jsonl", [{"tree": b, "node": n, "steps": steps, "reward": r}
+                                           for b, n, steps, r in record])
+        nodes = int(tree.node_count.sum())
+        self.console.print(f"iteration {it}: searched {len(tasks)} tasks ({nodes} nodes) in {search_s:.0f}s")
+        self.complete(key, [d / "trees.json", d / "rollouts.jsonl"], {"search_s": search_s, "num_nodes": nodes})
+
+    def extract(self, it: int) -> None:
+        cfg, d = self.cfg, self.it_dir(it)
+        self.verify(f"iter_{it:03d}/trees.json", f"iter_{it:03d}/rollouts.jsonl")
+        dicts = read_json(d / "trees.json")
+        tree = trees_from_dicts(dicts)
+        prompts = [t["meta"]["prompt"] for t in dicts]
+        ids = [t["meta"]["task_id"] for t in dicts]
+        record = [(r["tree"], r["node"], r["steps"], r["reward"]) for r in read_jsonl(d / "rollouts.jsonl")]
         pairs = extract_pairs(tree, prompts=prompts, task_ids=ids, iteration=it, min_q_gap=cfg.min_q_gap)
         trajs = [{**t, "source": "tree"} for t in extract_trajectories(tree, prompts=prompts, task_ids=ids,
                                                                         iteration=it)]
         trajs += rollout_trajectories(tree, record, prompts=prompts, task_ids=ids, iteration=it)
         sft_records = correct_solutions(trajs, per_task=cfg.sft_per_task)
-        write_jsonl(it_dir / "pairs.jsonl", pairs)
-        write_jsonl(it_dir / "trajectories.jsonl", trajs)
-        write_json(it_dir / "trees.json", [tree_to_dict(tree, b, meta={"task_id": ids[b], "prompt": prompts[b]})
-                                           for b in range(tree.batch_size)])
-        nodes = int(tree.node_count.sum())
+        write_jsonl(d / "pairs.jsonl", pairs)
+        _failpoint(f"{it}/extract")
+        write_jsonl(d / "trajectories.jsonl", trajs)
+        write_jsonl(d / "sft.jsonl", sft_records)
         solved = len({t["task_id"] for t in sft_records})
-        console.print(f"iteration {it}: searched {len(tasks)} tasks ({nodes} nodes) in {search_s:.0f}s; "
-                      f"{len(pairs)} step pairs; {solved} tasks solved by some path")
+        self.console.print(f"iteration {it}: {len(pairs)} step pairs; {solved} tasks solved by some path")
+        self.complete(f"{it}/extract", [d / "pairs.jsonl", d / "trajectories.jsonl", d / "sft.jsonl"],
+                      {"num_pairs": len(pairs), "num_sft": len(sft_records), "tasks_solved": solved,
+                       "path_correct_rate": (sum(t["correct"] for t in trajs) / len(trajs)) if trajs else 0.0})
+
+    def train(self, it: int) -> None:
+        cfg, d = self.cfg, self.it_dir(it)
+        self.verify(f"iter_{it:03d}/pairs.jsonl", f"iter_{it:03d}/sft.jsonl")
+        pairs, sft_records = read_jsonl(d / "pairs.jsonl"), read_jsonl(d / "sft.jsonl")
+        self.use_model(it - 1)
+        key = f"{it}/train"
         t0 = time.time()
         dpo_cfg = DPOConfig(beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                             sft_weight=cfg.sft_weight, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
                             seed=cfg.seed * 1_000 + it)
-        with _progress(console) as bar:
-            job = bar.add_task(f"iter {it} train", total=None, info="")
-            summary = train_dpo(policy.model, policy.tokenizer, pairs, dpo_cfg, sft_records=sft_records,
-                                progress=lambda s, n, m, bar=bar, job=job: bar.update(job, completed=s, total=n,
-                                                                    info=f"loss {m['loss']:.3f}"))
-        train_s = time.time() - t0
-        write_json(it_dir / "train.json", summary)
-        save_model_atomic(policy.model, policy.tokenizer, it_dir / "model")
-        log_eval(it, {"num_pairs": len(pairs), "num_nodes": nodes, "search_s": search_s, "train_s": train_s,
-                      "num_sft": len(sft_records), "tasks_solved": solved,
-                      "path_correct_rate": (sum(t["correct"] for t in trajs) / len(trajs)) if trajs else 0.0})
 
-    _finish(run, rows, console, time.time() - t_start, model_dir)
+        def progress(step, total, m, bar, job):
+            bar.update(job, completed=step, total=total, info=f"loss {m['loss']:.3f}")
+            if step * 2 >= total:
+                _failpoint(key)
+
+        self.loaded = None  # the weights change from here on; only a completed stage names them
+        with _progress(self.console) as bar:
+            job = bar.add_task(f"iter {it} train", total=None, info="")
+            summary = train_dpo(self.policy.model, self.policy.tokenizer, pairs, dpo_cfg, sft_records=sft_records,
+                                progress=lambda s, n, m: progress(s, n, m, bar, job))
+        _failpoint(key)  # also when there was nothing to train on
+        train_s = time.time() - t0
+        write_json(d / "train.json", summary)
+        save_model_atomic(self.policy.model, self.policy.tokenizer, d / "model")
+        self.loaded = it
+        self.complete(key, [d / "train.json", d / "model"], {"train_s": train_s})
+
+    def eval(self, it: int) -> None:
+        self.use_model(it)
+        d = self.it_dir(it)
+        t = time.time()
+        with self.console.status(f"evaluating {len(self.heldout)} held-out problems (greedy)"):
+            ev = evaluate(self.policy, self.heldout, self.cfg.max_new_tokens)
+        write_jsonl(d / "heldout_correct.jsonl",
+                    [{"task_id": t["task_id"], "correct": c} for t, c in zip(self.heldout, ev["heldout_correct"])])
+        _failpoint(f"{it}/eval")
+        row = {"iteration": it, "heldout_accuracy": ev["heldout_accuracy"],
+               "heldout_by_level": ev["heldout_by_level"], "eval_s": time.time() - t,
+               **({"num_pairs": 0} if it == 0 else self.state["info"].get(str(it), {}))}
+        if it:
+            self.verify("iter_000/heldout_correct.jsonl")
+            start = [r["correct"] for r in read_jsonl(self.run / "iter_000" / "heldout_correct.jsonl")]
+            row.update(mcnemar(start, ev["heldout_correct"]))
+        row["wall_s"] = self.elapsed()
+        rows = self.metrics() + [row]
+        write_jsonl(self.run / "metrics.jsonl", rows)
+        levels = "  ".join(f"L{k}:{v:.1%}" for k, v in row["heldout_by_level"].items())
+        self.console.print(f"iteration {it}: held-out accuracy {row['heldout_accuracy']:.1%}  ({levels})")
+        self.complete(f"{it}/eval", [d / "heldout_correct.jsonl"])
+
+    def metrics(self) -> list[dict]:
+        """The metrics rows of completed evaluations (a row appended by a stage that was then killed
+        before it completed is dropped)."""
+        path = self.run / "metrics.jsonl"
+        done = {int(k.split("/")[0]) for k in self.state["done"] if k.endswith("/eval")}
+        return [r for r in (read_jsonl(path) if path.exists() else []) if r.get("iteration") in done]
+
+
+def _schedule(iterations: int) -> list[tuple[int, str]]:
+    return [(0, "eval")] + [(it, s) for it in range(1, iterations + 1) for s in STAGES]
+
+
+def train(cfg: TrainConfig, console: Console | None = None) -> Path:
+    """Run the whole loop for ``cfg`` (or continue the run ``cfg.resume``); returns the run directory."""
+    console = console or Console()
+    locks: list[RunLock] = []
+    if cfg.resume is not None:
+        run = Path(cfg.resume)
+        locks.append(RunLock(run).acquire())
+        state = read_json(run / "state.json")
+        if not isinstance(state, dict) or not {"done", "checksums", "info"} <= set(state):
+            raise UsageError(f"{run / 'state.json'} is not a run state file; restore it or start a new run")
+    else:
+        run = prepare(cfg)
+        state = {"format": RUN_FORMAT, "done": [], "running": None, "elapsed_s": 0.0, "checksums": {}, "info": {}}
+    try:
+        with disk_full_guard(run):
+            return _train(cfg, run, state, locks, console)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, run: Path, state: dict, locks: list, console: Console) -> Path:
+    from engine.tiny_model import BootstrapConfig, bootstrap
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_dir = state.get("model_dir") or cfg.model or str(bootstrap(BootstrapConfig(seed=cfg.seed),
+                                                                     log=console.print))
+    policy = None
+    if cfg.resume is None:
+        policy = load_policy(model_dir, cfg.device)  # before anything is written: a bad model writes nothing
+        run.mkdir(parents=True)
+        locks.append(RunLock(run).acquire())
+        state["model_dir"] = str(model_dir)
+        try:
+            write_json(run / "config.json", {"format": RUN_FORMAT, "model_dir": str(model_dir), **run_fields(cfg)})
+            write_json(run / "state.json", state)
+        except OSError:
+            shutil.rmtree(run, ignore_errors=True)  # ours, and holds nothing yet
+            raise
+        console.print(f"run directory: {run}")
+    r = _Run(cfg, run, model_dir, state, console, policy)
+    if cfg.resume is not None:
+        todo = [(i, s) for i, s in _schedule(cfg.iterations) if f"{i}/{s}" not in state["done"]]
+        if todo:
+            r.verify(*r.needs(*todo[0]))  # before anything is written
+        saved = read_json(run / "config.json")
+        new = {"format": RUN_FORMAT, "model_dir": saved.get("model_dir", str(model_dir)), **run_fields(cfg),
+               "name": saved.get("name"), "runs_dir": saved.get("runs_dir")}
+        if new != saved:
+            write_json(run / "config.json", new)  # the safe changes accepted with --allow-config-change
+        console.print(f"resuming {run}: {len(state['done'])} stages done"
+                      + (f", next: {todo[0][0]}/{todo[0][1]}" if todo else ", nothing left to do"))
+    for it, stage in _schedule(cfg.iterations):
+        key = f"{it}/{stage}"
+        if key in state["done"]:
+            continue
+        state["running"] = key
+        r.save_state()
+        getattr(r, stage)(it)
+    rows = r.metrics()
+    _finish(run, rows, console, r.elapsed(), model_dir)
     return run
 
 

@@ -4,7 +4,7 @@ Imports neither torch nor transformers: the policy and the environment come in a
 callables (see :mod:`search.types`).
 """
 
-from search.export import to_networkx, tree_from_dict, tree_to_dict
+from search.export import to_networkx, tree_from_dict, tree_to_dict, trees_from_dicts
 from search.extract import (
     extract_pairs,
     extract_path_lists,
@@ -60,5 +60,6 @@ __all__ = [
     "puct_select",
     "to_networkx",
     "tree_from_dict",
+    "trees_from_dicts",
     "tree_to_dict",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 
 from search.tree import Tree
 
-__all__ = ["tree_from_dict", "tree_to_dict", "to_networkx"]
+__all__ = ["tree_from_dict", "tree_to_dict", "trees_from_dicts", "to_networkx"]
 
 _FIELDS = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior",
            "reward", "terminal")
@@ -26,14 +26,21 @@ def tree_to_dict(tree: Tree, b: int, *, meta: dict[str, Any] | None = None) -> d
 
 def tree_from_dict(data: dict) -> Tree:
     """A one-tree :class:`Tree` rebuilt from :func:`tree_to_dict` output (states are None)."""
-    n = len(data["texts"])
-    tree = Tree(1, capacity=max(n, 2))
-    for name in _FIELDS:
-        arr = getattr(tree, name)
-        arr[0, :n] = np.asarray(data[name], dtype=arr.dtype)
-    tree.node_count[0] = n
-    tree.texts = [list(data["texts"])]
-    tree.states = [[None] * n]
+    return trees_from_dicts([data])
+
+
+def trees_from_dicts(datas: list[dict]) -> Tree:
+    """A batch :class:`Tree` (tree ``b`` from ``datas[b]``) rebuilt from :func:`tree_to_dict`
+    outputs; states are None."""
+    sizes = [len(d["texts"]) for d in datas]
+    tree = Tree(len(datas), capacity=max([*sizes, 2]))
+    for b, (data, n) in enumerate(zip(datas, sizes)):
+        for name in _FIELDS:
+            arr = getattr(tree, name)
+            arr[b, :n] = np.asarray(data[name], dtype=arr.dtype)
+        tree.node_count[b] = n
+    tree.texts = [list(d["texts"]) for d in datas]
+    tree.states = [[None] * n for n in sizes]
     return tree
 
 

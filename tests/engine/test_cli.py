@@ -19,8 +19,10 @@ def run_cli(*args, cwd=None):
 
 
 def test_train_smoke(tmp_path, trained_model_dir):
+    # Options from a YAML file; a flag given as well overrides the file.
+    (tmp_path / "run.yaml").write_text("seed: 9\ntasks-per-iteration: 6\nmin_q_gap: 0.5\n")
     out = run_cli("train", "--env", "math", "--model", str(trained_model_dir), "--runs-dir", str(tmp_path),
-                  "--name", "smoke", "--seed", "3", *SMOKE)
+                  "--name", "smoke", "--config", str(tmp_path / "run.yaml"), *SMOKE, "--seed", "3")
     assert out.returncode == 0, out.stdout + out.stderr
     run = tmp_path / "smoke"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -29,7 +31,7 @@ def test_train_smoke(tmp_path, trained_model_dir):
         assert {"iteration", "heldout_accuracy", "num_pairs", "wall_s", "heldout_by_level"} <= set(r)
         assert 0.0 <= r["heldout_accuracy"] <= 1.0
     config = json.loads((run / "config.json").read_text())
-    assert config["seed"] == 3 and config["tasks_per_iteration"] == 6
+    assert config["seed"] == 3 and config["tasks_per_iteration"] == 6 and "config" not in config
     it = run / "iter_001"
     trees = json.loads((it / "trees.json").read_text())
     assert len(trees) == 6 and all(t["visits"][0] >= 2 for t in trees)
@@ -94,3 +96,43 @@ def test_existing_run_name_is_refused(tmp_path):
     assert out.returncode == 2 and "already exists" in out.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
+
+
+def test_help_documents_every_option_with_its_default():
+    import dataclasses
+
+    from engine.config import TrainConfig
+
+    out = run_cli("train", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+    assert text.count("(default:") >= len(dataclasses.fields(TrainConfig))
+
+
+def test_config_file_problems_are_all_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("beta: high\nlerning-rate: 0.1\nsearch: astar\niterations: 2\n")
+    runs = tmp_path / "runs"
+    out = run_cli("train", "--config", str(bad), "--runs-dir", str(runs))
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, out.stderr
+    assert "beta must be a number, got 'high'" in out.stderr
+    assert "unknown option 'lerning-rate'" in out.stderr
+    assert "search must be one of 'mcts', 'tot-bfs', 'tot-dfs', 'sample', got 'astar'" in out.stderr
+    assert not runs.exists()
+    # Values that parse but are out of range are reported together too, file and flags alike.
+    (tmp_path / "c.json").write_text(json.dumps({"iterations": 0, "alpha": 3}))
+    out = run_cli("train", "--config", str(tmp_path / "c.json"), "--lr", "-1", "--runs-dir", str(runs))
+    assert out.returncode == 2
+    assert {"--iterations must be a positive integer, got 0", "--alpha must be in [0, 1], got 3.0",
+            "--lr must be > 0, got -1.0"} <= {line[len("error: "):] for line in out.stderr.splitlines()}
+    for text, needle in [("{not json", "not valid JSON"), ("[1, 2]", "expected a mapping")]:
+        (tmp_path / "x.json").write_text(text)
+        out = run_cli("train", "--config", str(tmp_path / "x.json"), "--runs-dir", str(runs))
+        assert out.returncode == 2 and needle in out.stderr
+    out = run_cli("train", "--config", str(tmp_path / "missing.yaml"), "--runs-dir", str(runs))
+    assert out.returncode == 2 and "no such file" in out.stderr
+    assert not runs.exists()
