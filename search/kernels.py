@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, uintp
 
 __all__ = [
     "PUCT",
@@ -47,34 +47,57 @@ def _q_range(b, visits, value_sum, node_count):
 
 
 @njit(cache=True, inline="always")
-def _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi):
-    """The leaf reached from the root by always taking the best-scoring child. Takes one tree's
-    rows (1-D views): indexing a row is cheaper than ``[b, i]`` in the innermost loop."""
-    node = 0
+def _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path):
+    """Walk from the root to a leaf, always taking the best-scoring child; the nodes passed
+    (root first) go to ``path`` while it has room. Returns the number of steps taken, so the leaf
+    is ``path[steps]`` when ``steps < len(path)``. Takes one tree's rows (1-D views).
+
+    Indices are unsigned (``uintp``), which spares numba's negative-index wraparound in the
+    innermost loop. On the PUCT fast path, scanning the children also loads each child's own
+    ``first_child``, ``num_children``, ``terminal`` and ``visits``, and the best child's are carried
+    to the next level: in a tree larger than the cache those loads then overlap with the scan instead
+    of adding a second dependent memory access per level."""
+    cap = path.shape[0]
+    path[0] = 0
+    steps = 0
     if rule == PUCT and not hi > lo:  # the common case: PUCT on raw Q, no per-child rescaling
-        while nc[node] > 0 and not term[node]:
-            first = fc[node]
-            # the parent's term is computed once per node, not once per child
-            explore = c * math.sqrt(max(vis[node], 1))
+        first = uintp(fc[0])
+        k = nc[0]
+        done = term[0]
+        parent_n = vis[0]
+        while k > 0 and not done:
+            explore = c * math.sqrt(max(parent_n, 1))  # once per node, not once per child
             best = first
             best_score = -np.inf
-            for ch in range(first, first + nc[node]):
+            best_fc, best_k, best_done, best_n = uintp(0), 0, False, 0
+            ch = first
+            last = first + uintp(k)
+            while ch < last:
                 n = vis[ch]
-                score = ws[ch] / n + explore * pr[ch] / (1.0 + n) if n > 0 else explore * pr[ch]
+                ch_fc, ch_k, ch_done = fc[ch], nc[ch], term[ch]
+                q = ws[ch] / max(n, 1)
+                score = (q if n > 0 else 0.0) + explore * pr[ch] / (1.0 + n)
                 if score > best_score:
                     best_score = score
-                    best = ch
-            node = best
-        return node
+                    best, best_fc, best_k, best_done, best_n = ch, uintp(ch_fc), ch_k, ch_done, n
+                ch += uintp(1)
+            first, k, done, parent_n = best_fc, best_k, best_done, best_n
+            steps += 1
+            if steps < cap:
+                path[steps] = best
+        return steps
     scale = 1.0 / (hi - lo) if hi > lo else 1.0
     shift = lo if hi > lo else 0.0
+    node = uintp(0)
     while nc[node] > 0 and not term[node]:
-        first = fc[node]
+        first = uintp(fc[node])
         parent_n = max(vis[node], 1)
         explore = c * math.sqrt(parent_n) if rule == PUCT else c * math.sqrt(math.log(parent_n))
         best = first
         best_score = -np.inf
-        for ch in range(first, first + nc[node]):
+        ch = first
+        last = first + uintp(nc[node])
+        while ch < last:
             n = vis[ch]
             if n > 0:
                 q = (ws[ch] / n - shift) * scale
@@ -84,17 +107,34 @@ def _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi):
             if score > best_score:
                 best_score = score
                 best = ch
+            ch += uintp(1)
         node = best
-    return node
+        steps += 1
+        if steps < cap:
+            path[steps] = node
+    return steps
+
+
+@njit(cache=True, inline="always")
+def _descend_into(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path):
+    """:func:`_descend`, retried with a larger ``path`` when the first did not have room for every
+    level. Returns ``(steps, path)``; the leaf is ``path[steps]``."""
+    steps = _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path)
+    if steps >= path.shape[0]:
+        path = np.empty(2 * steps + 2, np.int64)
+        steps = _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path)
+    return steps, path
 
 
 @njit(cache=True)
 def puct_select(first_child, num_children, visits, value_sum, prior, terminal, c_puct, out_leaf):
     """One PUCT leaf per tree, raw Q (ties go to the lowest index). Arrays ``[B, N]``; ``out_leaf``
     ``[B]`` int32."""
+    path = np.empty(64, np.int64)
     for b in range(first_child.shape[0]):
-        out_leaf[b] = _descend(first_child[b], num_children[b], visits[b], value_sum[b], prior[b], terminal[b],
-                               c_puct, PUCT, 0.0, 0.0)
+        steps, path = _descend_into(first_child[b], num_children[b], visits[b], value_sum[b], prior[b],
+                                    terminal[b], c_puct, PUCT, 0.0, 0.0, path)
+        out_leaf[b] = path[steps]
 
 
 @njit(cache=True)
@@ -109,13 +149,15 @@ def select_leaves(parent, first_child, num_children, visits, value_sum, prior, t
     """
     bsz, num = out_leaf.shape
     reached = np.empty(num, np.int64)
+    path = np.empty(64, np.int64)
     for b in range(bsz):
         lo, hi = 0.0, 0.0
         if normalize_q:
             lo, hi = _q_range(b, visits, value_sum, node_count)
         for j in range(num):
-            leaf = _descend(first_child[b], num_children[b], visits[b], value_sum[b], prior[b], terminal[b], c,
-                            rule, lo, hi)
+            steps, path = _descend_into(first_child[b], num_children[b], visits[b], value_sum[b], prior[b],
+                                        terminal[b], c, rule, lo, hi, path)
+            leaf = path[steps]
             reached[j] = leaf
             out_leaf[b, j] = leaf
             for k in range(j):
@@ -246,28 +288,33 @@ def synthetic_search(parent, depth, first_child, num_children, visits, value_sum
     on each of ``B`` trees. Simulation ``s`` of tree ``b`` selects a leaf, expands it (when above
     ``max_depth``) with ``K`` children whose priors are ``priors[b, s]``, and backs up
     ``values[b, s]`` from the leaf. ``priors`` is ``[B, S, K]``, ``values`` ``[B, S]``; the tree
-    arrays need ``1 + S * K`` slots per tree. Returns the number of node updates made by backup."""
+    arrays need ``1 + S * K`` slots per tree. Returns the number of node updates made by backup.
+
+    The backup walks the path recorded during selection rather than the parent links, whose cache
+    lines the descent never touched."""
     bsz, sims, k = priors.shape
     updates = 0
+    path = np.empty(max_depth + 2, np.int64)
     for b in range(bsz):
         par, dep, fc, nc = parent[b], depth[b], first_child[b], num_children[b]
         vis, ws, pr, term = visits[b], value_sum[b], prior[b], terminal[b]
         for s in range(sims):
-            leaf = _descend(fc, nc, vis, ws, pr, term, c_puct, PUCT, 0.0, 0.0)
-            if dep[leaf] < max_depth and not term[leaf]:
+            steps, path = _descend_into(fc, nc, vis, ws, pr, term, c_puct, PUCT, 0.0, 0.0, path)
+            leaf = path[steps]
+            d = dep[0] + steps  # = dep[leaf], without another memory access
+            if d < max_depth and not term[leaf]:
                 start = node_count[b]
                 for i in range(k):
                     par[start + i] = leaf
-                    dep[start + i] = dep[leaf] + 1
+                    dep[start + i] = d + 1
                     pr[start + i] = priors[b, s, i]
                 fc[leaf] = start
                 nc[leaf] = k
                 node_count[b] = start + k
             v = values[b, s]
-            node = leaf
-            while node >= 0:
+            for j in range(steps + 1):
+                node = uintp(path[j])
                 vis[node] += 1
                 ws[node] += v
-                node = par[node]
-                updates += 1
+            updates += steps + 1
     return updates

@@ -51,3 +51,19 @@ def test_generate_logprobs_equal_scoring(trained_model_dir):
     greedy1 = policy.generate(prompts, temperature=0.0, max_new_tokens=40, stop=None)
     greedy2 = policy.generate(prompts[::-1], temperature=0.0, max_new_tokens=40, stop=None)
     assert [g[0].text for g in greedy1] == [g[0].text for g in greedy2[::-1]]  # batching does not change greedy
+
+
+def test_generate_shares_prompts_across_samples_and_batches(trained_model_dir):
+    tok = AutoTokenizer.from_pretrained(trained_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir)
+    prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n", "7*8\n"]
+    wide = TransformersPolicy(model, tok)
+    narrow = TransformersPolicy(model, tok, batch_size=2)  # one prompt (two rows) per batch
+    shared = wide.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=30, stop=None)
+    apart = narrow.generate([p for p in prompts for _ in range(2)], temperature=0.0, max_new_tokens=30, stop=None)
+    assert [[s.text for s in g] for g in shared] == [[apart[2 * i][0].text, apart[2 * i + 1][0].text]
+                                                     for i in range(len(prompts))]
+    np.testing.assert_allclose([s.logprob for g in shared for s in g], [g[0].logprob for g in apart], atol=1e-4)
+    torch.manual_seed(0)
+    sampled = wide.generate(prompts[:1], num_samples=6, temperature=1.0, max_new_tokens=20, stop=None)[0]
+    assert len({s.text for s in sampled}) > 1  # the copied cache rows are sampled independently

@@ -244,3 +244,19 @@ def test_reroot_keeps_statistics():
         assert n in tree.children(b, p) and tree.depth[b, n] == tree.depth[b, p] + 1
     np.testing.assert_array_equal(tree.visits[0], other[0])  # other trees untouched
     assert tree.node_count[0] == other[1]
+
+
+def test_reset_tree_searches_like_a_fresh_one():
+    rng = np.random.default_rng(3)
+    b, s, k = 4, 60, 3
+    priors, values = rng.dirichlet(np.ones(k), size=(b, s)), rng.random((b, s))
+    names = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior", "terminal")
+    fresh = Tree(b, capacity=1 + s * k)
+    used = random_tree(rng, batch=b, expansions=40)  # arbitrary leftovers, then emptied in place
+    used._ensure_capacity(1 + s * k)
+    used.reset(root_states=list("abcd"))
+    assert used.node_count.tolist() == [1] * b and used.states == [[c] for c in "abcd"]
+    for t in (fresh, used):
+        synthetic_search(*(getattr(t, n) for n in names), t.node_count, priors, values, 1.0, 5)
+    for n in names:
+        np.testing.assert_array_equal(getattr(used, n)[:, : 1 + s * k], getattr(fresh, n), err_msg=n)
