@@ -12,8 +12,8 @@ __all__ = ["BootstrapArgs", "TrainConfig", "validate"]
 class TrainConfig:
     """Improve a policy by tree search and preference learning, iteration after iteration."""
 
-    env: Literal["math"] = "math"
-    """Environment to train on."""
+    env: Literal["math", "code"] = "math"
+    """Environment to train on (code: DSTC-style, completions run in the sandbox)."""
     model: str | None = None
     """Local transformers model directory; the embedded default model when omitted."""
     iterations: int = 3
@@ -25,7 +25,10 @@ class TrainConfig:
     runs_dir: str = "runs"
     """Directory that holds run directories."""
     task_file: str | None = None
-    """GSM8K or MATH JSONL file of tasks for training and evaluation (default: generated arithmetic)."""
+    """Tasks for training and evaluation: GSM8K or MATH JSONL (math); "humaneval" or MBPP JSONL (code).
+    Default: generated arithmetic / generated one-line functions."""
+    code_pairs: Literal["dstc", "ground-truth", "auto"] = "dstc"
+    """Code pairs: DSTC minimax over the model's own tests, the task's tests, or those when it has any."""
 
     # search
     search: Literal["mcts", "tot-bfs", "tot-dfs", "sample"] = "mcts"

@@ -83,7 +83,12 @@ def prepare(cfg: TrainConfig) -> Path:
                              "give the folder written by save_pretrained, or omit --model")
     if cfg.task_file is not None:
         try:
-            load_tasks(cfg.task_file)
+            if cfg.env == "code":
+                from envs import load_code_tasks
+
+                load_code_tasks(cfg.task_file)
+            else:
+                load_tasks(cfg.task_file)
         except TaskFileError as exc:
             raise UsageError(f"--task-file: {exc}") from None
     return run
@@ -153,6 +158,10 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     from engine.tiny_model import BootstrapConfig, bootstrap
 
     console = console or Console()
+    if cfg.env == "code":
+        from engine.code_task import train_code
+
+        return train_code(cfg, console)
     run = prepare(cfg)
     t_start = time.time()
     if cfg.threads:
