@@ -16,8 +16,8 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
-QUICK = dict(max_steps=20, eval_every=10, quick_eval_size=4, batch_size=8, target_pass=1.1, hidden_size=64, num_layers=2,
-             num_heads=2, intermediate_size=128)
+QUICK = dict(max_steps=20, eval_every=10, quick_eval_size=4, batch_size=8, target_pass=1.1, hidden_size=64,
+             num_layers=2, num_heads=2, intermediate_size=128)
 
 
 @pytest.fixture(scope="module")
