@@ -20,8 +20,8 @@ __all__ = ["BootstrapArgs", "RUN_ONLY", "SAFE_ON_RESUME", "TrainConfig", "config
 class TrainConfig:
     """Improve a policy by tree search and preference learning, iteration after iteration."""
 
-    env: Literal["math"] = "math"
-    """Environment to train on."""
+    env: Literal["math", "code"] = "math"
+    """Environment to train on (code: DSTC-style, completions run in the sandbox)."""
     model: str | None = None
     """Local transformers model directory; the embedded default model when omitted."""
     iterations: int = 3
@@ -33,7 +33,10 @@ class TrainConfig:
     runs_dir: str = "runs"
     """Directory that holds run directories."""
     task_file: str | None = None
-    """GSM8K or MATH JSONL file of tasks for training and evaluation (default: generated arithmetic)."""
+    """Tasks for training and evaluation: GSM8K or MATH JSONL (math); "humaneval" or MBPP JSONL (code).
+    Default: generated arithmetic / generated one-line functions."""
+    code_pairs: Literal["dstc", "ground-truth", "auto"] = "dstc"
+    """Code pairs: DSTC minimax over the model's own tests, the task's tests, or those when it has any."""
     config: str | None = None
     """YAML or JSON file of options, keyed by the names below (``beta: 0.02``, dashes or underscores);
     flags given as well override the file. A run's own config.json works too."""
@@ -251,6 +254,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.threads < 0:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.env == "code" and cfg.resume is not None:
+        problems.append("--resume is not available for --env code runs yet (math runs resume); start a new run")
     if cfg.allow_config_change and cfg.resume is None:
         problems.append("--allow-config-change only applies with --resume RUN_DIR")
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name.startswith(".")):

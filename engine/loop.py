@@ -95,7 +95,12 @@ def prepare(cfg: TrainConfig) -> Path:
                              "give the folder written by save_pretrained, or omit --model")
     if cfg.task_file is not None:
         try:
-            load_tasks(cfg.task_file)
+            if cfg.env == "code":
+                from envs import load_code_tasks
+
+                load_code_tasks(cfg.task_file)
+            else:
+                load_tasks(cfg.task_file)
         except TaskFileError as exc:
             raise UsageError(f"--task-file: {exc}") from None
     return run
@@ -390,6 +395,10 @@ def _schedule(iterations: int) -> list[tuple[int, str]]:
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Run the whole loop for ``cfg`` (or continue the run ``cfg.resume``); returns the run directory."""
     console = console or Console()
+    if cfg.env == "code":
+        from engine.code_task import train_code
+
+        return train_code(cfg, console)
     locks: list[RunLock] = []
     if cfg.resume is not None:
         run = Path(cfg.resume)

@@ -77,13 +77,13 @@ def cache_key(config: BootstrapConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast`` that ``AutoTokenizer`` can reload."""
+def build_tokenizer(chars: str = CHARS):
+    """A character-level ``PreTrainedTokenizerFast`` over ``chars`` that ``AutoTokenizer`` can reload."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in CHARS:
+    for ch in chars:
         vocab[ch] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

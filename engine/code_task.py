@@ -1,0 +1,335 @@
+"""``engine train --env code``: DSTC-style iterations on code tasks, and the tiny default code model.
+
+Per iteration: sample ``--simulations`` completions (body, own asserts, ``# end``) per training task →
+run every distinct body against every distinct own test in the sandbox (the pass matrix) → DSTC minimax
+pairs with code and tests concatenated (``--code-pairs dstc``), or plain pairs from the task's ground-truth
+tests (``ground-truth``; ``auto`` uses them when the task has any) → DPO with an NLL term on the chosen
+responses → greedy pass@1 on held-out tasks (ground-truth tests) → save.
+
+The default model is built by the same mechanism as the arithmetic one (:mod:`engine.tiny_model`): a
+character-level Llama trained from scratch on procedural function-writing tasks (see
+:func:`envs.code_tasks.code_task`), stopped early at ``target_pass`` so that there is room to improve,
+cached under a key derived from its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from engine.run_dir import append_jsonl, save_model_atomic, write_json, write_jsonl
+from engine.tiny_model import build_model, build_tokenizer, default_cache_dir
+from envs import (
+    code_tasks,
+    ground_truth_pairs,
+    heldout_code_tasks,
+    load_code_tasks,
+    minimax_pairs,
+    split_completion,
+    task_job,
+)
+from envs.sandbox import Sandbox
+from trainers import DPOConfig, train_dpo
+
+__all__ = ["CODE_CHARS", "CodeBootstrapConfig", "bootstrap_code", "evaluate_pass_at_1", "train_code"]
+
+CODE_CHARS = "".join(ch for ch in string.printable if ch not in "\r\x0b\x0c\t")
+"""Printable ASCII and newline: the code model's characters."""
+FORMAT_VERSION = 1
+MIN_CODE_TOKENS = 160
+END = "# end\n"
+
+
+@dataclass(frozen=True)
+class CodeBootstrapConfig:
+    """How the embedded default code model is built and trained."""
+
+    seed: int = 0
+    """Seed for initialisation, data and training order."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 3
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block."""
+    intermediate_size: int = 320
+    """Width of the MLP."""
+    batch_size: int = 32
+    """Tasks per SFT step."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (warmup, then cosine)."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    max_steps: int = 2000
+    """Upper bound on SFT steps (and the cosine schedule's length)."""
+    eval_every: int = 200
+    """Steps between quick greedy pass@1 evaluations."""
+    target_pass: float = 0.4
+    """Stop as soon as quick greedy pass@1 reaches this."""
+    quick_eval_size: int = 64
+    """Tasks in the quick evaluation (distinct from the held-out set)."""
+    own_tests: int = 2
+    """Assert lines written after the body in the training text (the model learns to test itself)."""
+
+
+def _sft_text(task: dict, own_tests: int) -> str:
+    return task["canonical_solution"] + "".join(t + "\n" for t in task["tests"][:own_tests]) + END
+
+
+def evaluate_pass_at_1(policy, tasks: list[dict], sandbox: Sandbox, max_new_tokens: int) -> dict:
+    """Greedy pass@1 on ``tasks`` against their ground-truth tests, overall and per family."""
+    samples = policy.generate([t["prompt"] for t in tasks], temperature=0.0, max_new_tokens=max_new_tokens, stop=None)
+    bodies = [split_completion(s[0].text)[0] for s in samples]
+    results = sandbox.run_many([task_job(t, b) for t, b in zip(tasks, bodies)])
+    correct = np.array([r.all_passed for r in results], float)
+    levels = np.array([str(t.get("level", "")) for t in tasks])
+    return {"heldout_pass@1": float(correct.mean()) if len(correct) else 0.0,
+            "heldout_by_level": {lv: float(correct[levels == lv].mean()) for lv in np.unique(levels)},
+            "heldout_correct": correct.astype(int).tolist()}
+
+
+def _cache_key(config: CodeBootstrapConfig) -> str:
+    blob = json.dumps({"v": FORMAT_VERSION, "chars": CODE_CHARS, **dataclasses.asdict(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _train_code_model(config: CodeBootstrapConfig, out_dir: Path, sandbox: Sandbox, log: Callable[[str], None]):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from engine.policy import TransformersPolicy
+
+    t0 = time.time()
+    tok = build_tokenizer(CODE_CHARS)
+    model = build_model(config, len(tok), tok.pad_token_id, tok.eos_token_id)
+    torch.manual_seed(config.seed)
+    model.apply(model._init_weights)
+    ids = {c: tok.convert_tokens_to_ids(c) for c in CODE_CHARS}
+    held = {t["prompt"] for t in heldout_code_tasks(200)}
+    quick_stream = code_tasks(config.seed + 7_000_001, exclude=held)
+    quick = [next(quick_stream) for _ in range(config.quick_eval_size)]
+    stream = code_tasks(config.seed * 1000 + 11, exclude=held | {t["prompt"] for t in quick})
+    policy = TransformersPolicy(model, tok, batch_size=256)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        frac = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    acc, history, step = 0.0, [], 0
+    with Progress(TextColumn("[bold]code bootstrap SFT"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn()) as bar:
+        job = bar.add_task("sft", total=config.max_steps, info="")
+        for step in range(1, config.max_steps + 1):
+            model.train()
+            batch = [next(stream) for _ in range(config.batch_size)]
+            seqs = [([ids[c] for c in t["prompt"]],
+                     [ids[c] for c in _sft_text(t, config.own_tests)] + [tok.eos_token_id]) for t in batch]
+            width = max(len(p) + len(s) for p, s in seqs)
+            x = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+            y = torch.full((len(seqs), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, (p, s) in enumerate(seqs):
+                x[r, : len(p) + len(s)] = torch.tensor(p + s)
+                y[r, len(p): len(p) + len(s)] = torch.tensor(s)
+                mask[r, : len(p) + len(s)] = 1
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step - 1)
+            loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % config.eval_every == 0:
+                acc = evaluate_pass_at_1(policy, quick, sandbox, MIN_CODE_TOKENS)["heldout_pass@1"]
+                history.append({"step": step, "loss": loss.item(), "quick_pass@1": acc})
+                bar.console.print(f"  step {step}: loss {loss.item():.3f}, quick greedy pass@1 {acc:.1%} "
+                                  f"({time.time() - t0:.0f}s)")
+            bar.update(job, completed=step, info=f"loss {loss.item():.3f}  quick pass@1 {acc:.0%}")
+            if step % config.eval_every == 0 and acc >= config.target_pass:
+                break
+    summary = {"steps": step, "quick_pass@1": acc, "parameters": sum(p.numel() for p in model.parameters()),
+               "wall_s": time.time() - t0, "config": dataclasses.asdict(config), "history": history}
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "bootstrap.json").write_text(json.dumps(summary, indent=2))
+    log(f"trained {summary['parameters'] / 1e6:.2f}M parameters for {step} steps in {summary['wall_s']:.0f}s; "
+        f"quick greedy pass@1 {acc:.1%}")
+
+
+def bootstrap_code(config: CodeBootstrapConfig = CodeBootstrapConfig(), cache_dir: Path | None = None,
+                   sandbox: Sandbox | None = None, log: Callable[[str], None] = print) -> Path:
+    """The directory of the trained default code model for ``config``, training it if not cached."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / f"tiny-code-{_cache_key(config)}"
+    if (target / "bootstrap.json").is_file():
+        log(f"default code model: cached at {target}")
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    log(f"default code model: not cached; training it into {target}")
+    try:
+        _train_code_model(config, tmp, sandbox or Sandbox(), log)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _task_sources(cfg):
+    if cfg.task_file is None:
+        heldout = heldout_code_tasks(min(cfg.heldout_size, 200))
+        return heldout, code_tasks(cfg.seed + 1, exclude=frozenset(t["prompt"] for t in heldout))
+    tasks = load_code_tasks(cfg.task_file)
+    order = np.random.default_rng(0).permutation(len(tasks))
+    n_held = min(cfg.heldout_size, len(tasks) // 2)
+    heldout, train = [tasks[i] for i in order[:n_held]], [tasks[i] for i in order[n_held:]]
+
+    def cycle():
+        rng = np.random.default_rng(cfg.seed + 1)
+        while True:
+            yield from (train[i] for i in rng.permutation(len(train)))
+
+    return heldout, cycle()
+
+
+def _pairs_for_iteration(tasks, samples, sandbox, cfg, it: int) -> tuple[list[dict], list[dict], dict]:
+    """Pass matrices and pairs for one iteration's sampled completions."""
+    parsed = [[split_completion(s.text) for s in group] for group in samples]
+    jobs, index = [], []
+    for task, group in zip(tasks, parsed):
+        codes = list(dict.fromkeys(body for body, _, _ in group if body.strip()))
+        tests = list(dict.fromkeys(t for _, ts, _ in group for t in ts))
+        use_gt = cfg.code_pairs == "ground-truth" or (cfg.code_pairs == "auto" and task["tests"])
+        for c in codes:
+            if use_gt:
+                jobs.append(task_job(task, c))
+            elif tests:
+                jobs.append(task_job(task, c, tests))
+        index.append((codes, tests, use_gt))
+    results = sandbox.run_many(jobs)
+    pairs, trajs, pos = [], [], 0
+    stats = {"tasks_with_pair": 0, "own_tests": 0, "gt_pass_rate_of_samples": []}
+    for task, (codes, tests, use_gt) in zip(tasks, index):
+        n = len(codes) if (use_gt or tests) else 0
+        res, pos = results[pos: pos + n], pos + n
+        if use_gt:
+            new = ground_truth_pairs(task, codes, [r.all_passed for r in res], iteration=it)
+        else:
+            matrix = np.array([r.passed for r in res], dtype=bool).reshape(len(res), len(tests))
+            new = minimax_pairs(task, codes, tests, matrix, iteration=it)
+        stats["own_tests"] += len(tests)
+        stats["tasks_with_pair"] += bool(new)
+        pairs += new
+        trajs += [{"prompt": task["prompt"], "steps": [c], "reward": float(r.all_passed), "correct": r.all_passed,
+                   "task_id": task.get("task_id", ""), "iteration": it, "source": "sample"}
+                  for c, r in zip(codes, res)]
+    return pairs, trajs, stats
+
+
+def train_code(cfg, console: Console | None = None, run: Path | None = None) -> Path:
+    """The loop of :mod:`engine.loop` for ``--env code``; returns the run directory."""
+    from engine.loop import load_policy, mcnemar, prepare
+
+    console = console or Console()
+    run = run or prepare(cfg)
+    t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sandbox = Sandbox()
+    console.print(f"sandbox: {sandbox.describe()['isolation']} ({sandbox.describe()['cgroup']})")
+    model_dir = cfg.model or str(bootstrap_code(CodeBootstrapConfig(seed=cfg.seed), sandbox=sandbox,
+                                                log=console.print))
+    policy = load_policy(model_dir, cfg.device)
+    heldout, stream = _task_sources(cfg)
+    max_tokens = max(cfg.max_new_tokens, MIN_CODE_TOKENS)
+    run.mkdir(parents=True)
+    write_json(run / "config.json", {"format": 1, "model_dir": str(model_dir), "sandbox": sandbox.describe(),
+                                     **dataclasses.asdict(cfg)})
+    console.print(f"run directory: {run}")
+    rows, correct = [], []
+
+    def log_eval(it: int, extra: dict) -> None:
+        t = time.time()
+        with console.status(f"evaluating {len(heldout)} held-out tasks (greedy pass@1)"):
+            ev = evaluate_pass_at_1(policy, heldout, sandbox, max_tokens)
+        row = {"iteration": it, "heldout_pass@1": ev["heldout_pass@1"], "heldout_accuracy": ev["heldout_pass@1"],
+               "heldout_by_level": ev["heldout_by_level"], "eval_s": time.time() - t, **extra,
+               "wall_s": time.time() - t_start}
+        (run / f"iter_{it:03d}").mkdir(exist_ok=True)
+        write_jsonl(run / f"iter_{it:03d}" / "heldout_correct.jsonl",
+                    [{"task_id": t["task_id"], "correct": c} for t, c in zip(heldout, ev["heldout_correct"])])
+        correct.append(ev["heldout_correct"])
+        if it:
+            row.update(mcnemar(correct[0], correct[-1]))
+        append_jsonl(run / "metrics.jsonl", row)
+        rows.append(row)
+        levels = "  ".join(f"{k}:{v:.0%}" for k, v in row["heldout_by_level"].items())
+        console.print(f"iteration {it}: held-out pass@1 {row['heldout_pass@1']:.1%}  ({levels})")
+
+    log_eval(0, {"num_pairs": 0})
+    for it in range(1, cfg.iterations + 1):
+        it_dir = run / f"iter_{it:03d}"
+        it_dir.mkdir(exist_ok=True)
+        tasks = list(islice(stream, cfg.tasks_per_iteration))
+        torch.manual_seed(cfg.seed * 1_000 + it)
+        t0 = time.time()
+        with console.status(f"iteration {it}: sampling {cfg.simulations} completions for {len(tasks)} tasks"):
+            samples = policy.generate([t["prompt"] for t in tasks], num_samples=cfg.simulations,
+                                      temperature=cfg.temperature, max_new_tokens=max_tokens, stop=None)
+        with console.status(f"iteration {it}: running the pass matrices in the sandbox"):
+            pairs, trajs, stats = _pairs_for_iteration(tasks, samples, sandbox, cfg, it)
+        search_s = time.time() - t0
+        write_jsonl(it_dir / "pairs.jsonl", pairs)
+        write_jsonl(it_dir / "trajectories.jsonl", trajs)
+        console.print(f"iteration {it}: {len(pairs)} pairs from {len(tasks)} tasks ({stats['own_tests']} own tests) "
+                      f"in {search_s:.0f}s")
+        t0 = time.time()
+        dpo_cfg = DPOConfig(beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                            sft_weight=cfg.sft_weight, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
+                            seed=cfg.seed * 1_000 + it)
+        summary = train_dpo(policy.model, policy.tokenizer, pairs, dpo_cfg)
+        train_s = time.time() - t0
+        write_json(it_dir / "train.json", summary)
+        save_model_atomic(policy.model, policy.tokenizer, it_dir / "model")
+        sample_pass = (sum(t["correct"] for t in trajs) / len(trajs)) if trajs else 0.0
+        log_eval(it, {"num_pairs": len(pairs), "search_s": search_s, "train_s": train_s,
+                      "tasks_with_pair": stats["tasks_with_pair"], "sample_pass_rate": sample_pass})
+
+    table = Table(title=f"held-out greedy pass@1 — {run}")
+    for col in ("iteration", "pass@1", "pairs", "wall s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["iteration"]), f"{r['heldout_pass@1']:.1%}", str(r["num_pairs"]), f"{r['wall_s']:.0f}")
+    console.print(table)
+    write_json(run / "summary.json", {
+        "iterations": len(rows) - 1, "wall_s": time.time() - t_start, "start_model": str(model_dir),
+        "heldout_pass@1": [r["heldout_pass@1"] for r in rows],
+        "gain": rows[-1]["heldout_pass@1"] - rows[0]["heldout_pass@1"],
+        **{k: rows[-1][k] for k in ("gained_vs_start", "lost_vs_start", "mcnemar_p") if k in rows[-1]}})
+    sandbox.close()
+    return run
+
