@@ -3,7 +3,7 @@
 Receives a model, a tokenizer and records in the schema of DESIGN.md; imports nothing else of ours.
 """
 
-from trainers.collate import CollateStats, TokenizedPair, pad_sequences, tokenize_pairs
+from trainers.collate import CollateStats, TokenizedPair, pad_sequences, split_steps, tokenize_groups, tokenize_pairs
 from trainers.dpo import DPOConfig, sequence_logps, train_dpo
 from trainers.losses import (
     LOSSES,
