@@ -17,7 +17,7 @@ import torch
 from trainers.collate import pad_sequences, tokenize_groups
 from trainers.loop import DPOConfig, PackedSlice, StepOutput, fit, make_encoder
 from trainers.losses import LOSSES, preference_loss
-from trainers.packing import Group, member_sums
+from trainers.packing import Group
 
 __all__ = ["DPOConfig", "sequence_logps", "train_dpo"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from trainers.losses import implicit_rewards, nll_loss
-from trainers.packing import Group, Scorer, member_sums, pack_groups, prefix_sharing_matches
+from trainers.packing import Group, Scorer, pack_groups, prefix_sharing_matches
 
 __all__ = ["DPOConfig", "StepOutput", "fit", "make_encoder"]
 
@@ -57,8 +57,9 @@ class DPOConfig:
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
     """Pack each group as [context | continuations...] with a 4-D mask ("on"), one padded row per
     continuation ("off"), or "on" when a probe on the first records gives the unshared log-probs."""
-    token_budget: int = 1024
-    """Tokens per packed row (a longer group gets a row of its own)."""
+    token_budget: int = 256
+    """Tokens per packed row (a longer group gets a row of its own); attention cost grows with the
+    square of the row length, padding waste with its inverse."""
     grad_accum_steps: int = 1
     """Micro-batches per optimiser step (``batch_size`` is split among them)."""
     gradient_checkpointing: bool = False
