@@ -207,9 +207,13 @@ def fit(
 
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     net = _wrap_lora(model, config) if config.lora else model
-    ckpt = config.gradient_checkpointing and hasattr(net, "gradient_checkpointing_enable")
+    ckpt_on, ckpt_off = _checkpointing_switches(net)
+    ckpt = config.gradient_checkpointing and ckpt_on is not None
+    if config.gradient_checkpointing and not ckpt:
+        raise ValueError("gradient_checkpointing: this model has no gradient checkpointing switch; "
+                         "set gradient_checkpointing=False")
     if ckpt:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ckpt_on()
     params = [p for p in net.parameters() if p.requires_grad]
     info["trainable_parameters"] = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -274,7 +278,7 @@ def fit(
                     progress(step, total, metrics)
     finally:
         if ckpt:
-            net.gradient_checkpointing_disable()
+            ckpt_off()
         if config.lora:
             net.merge_and_unload()
             for n, p in model.named_parameters():
@@ -282,6 +286,15 @@ def fit(
         model.eval()
     info["tokens_processed"] = tokens_processed
     return info
+
+
+def _checkpointing_switches(model):
+    """(enable, disable) for activation checkpointing (transformers >= 5 names first)."""
+    for on, off in (("activation_checkpointing_enable", "activation_checkpointing_disable"),
+                    ("gradient_checkpointing_enable", "gradient_checkpointing_disable")):
+        if hasattr(model, on) and hasattr(model, off):
+            return getattr(model, on), getattr(model, off)
+    return None, None
 
 
 def _first_member_tokens(logp: torch.Tensor, batch, part: list[Group]) -> torch.Tensor:
