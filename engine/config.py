@@ -72,6 +72,10 @@ class TrainConfig:
     """Smallest Q difference between best and worst sibling that yields a pair."""
 
     # training
+    trainer: Literal["dpo", "step-dpo", "tpo"] = "dpo"
+    """Preference trainer: DPO on every step pair the search yields; step-DPO on the pairs whose
+    rejected step is a first error (no rollout through it succeeded, Q = 0); TPO on sibling lists
+    ranked by Q (listwise LiPO-lambda loss with adaptive step rewards). All add the NLL term."""
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """Preference loss: DPO (sigmoid), IPO, hinge (SLiC) or robust DPO."""
     label_smoothing: float = 0.0
@@ -88,6 +92,12 @@ class TrainConfig:
     """Weight of the NLL term (RPO) on verified-correct solutions found by the search; 0: plain DPO."""
     sft_per_task: int = 2
     """Most distinct correct solutions per task in the NLL term."""
+    lora: bool = False
+    """Train LoRA adapters (peft) and merge them after each iteration, instead of all weights."""
+    lora_r: int = 8
+    """LoRA rank (with --lora)."""
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names that get LoRA adapters (with --lora)."""
 
     # evaluation and hardware
     heldout_size: int = 500
@@ -112,7 +122,7 @@ class BootstrapArgs:
 
 _POSITIVE_INT = ("iterations", "tasks_per_iteration", "simulations", "num_candidates", "rollouts",
                  "sft_per_task", "leaves_per_tree", "beam_width", "max_depth", "step_max_tokens", "epochs",
-                 "batch_size", "heldout_size", "max_new_tokens")
+                 "batch_size", "heldout_size", "max_new_tokens", "lora_r")
 _POSITIVE_FLOAT = ("beta", "lr")
 _NON_NEGATIVE_FLOAT = ("c_puct", "temperature", "sft_weight", "min_q_gap", "prune_below")
 

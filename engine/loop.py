@@ -22,8 +22,8 @@ from engine.evaluate import evaluate
 from engine.run_dir import append_jsonl, save_model_atomic, write_json, write_jsonl
 from engine.search_runner import rollout_trajectories, run_search
 from envs import MathEnv, TaskFileError, arithmetic_tasks, heldout_arithmetic_tasks, load_tasks
-from search import extract_pairs, extract_trajectories, tree_to_dict
-from trainers import DPOConfig, train_dpo
+from search import extract_pairs, extract_sibling_lists, extract_trajectories, tree_to_dict
+from trainers import DPOConfig, train_dpo, train_tpo
 
 __all__ = ["correct_solutions", "load_policy", "mcnemar", "prepare", "train"]
 
@@ -210,6 +210,10 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         trajs += rollout_trajectories(tree, record, prompts=prompts, task_ids=ids, iteration=it)
         sft_records = correct_solutions(trajs, per_task=cfg.sft_per_task)
         write_jsonl(it_dir / "pairs.jsonl", pairs)
+        lists = []
+        if cfg.trainer == "tpo":
+            lists = extract_sibling_lists(tree, prompts=prompts, task_ids=ids, iteration=it)
+            write_jsonl(it_dir / "lists.jsonl", lists)
         write_jsonl(it_dir / "trajectories.jsonl", trajs)
         write_json(it_dir / "trees.json", [tree_to_dict(tree, b, meta={"task_id": ids[b], "prompt": prompts[b]})
                                            for b in range(tree.batch_size)])
@@ -220,21 +224,34 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         t0 = time.time()
         dpo_cfg = DPOConfig(beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                             sft_weight=cfg.sft_weight, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
-                            seed=cfg.seed * 1_000 + it)
+                            seed=cfg.seed * 1_000 + it, lora=cfg.lora, lora_r=cfg.lora_r,
+                            lora_targets=tuple(cfg.lora_targets), metrics_path=str(it_dir / "train_metrics.jsonl"))
+        train_fn, records = _trainer(cfg.trainer, pairs, lists)
+        (it_dir / "train_metrics.jsonl").unlink(missing_ok=True)
         with _progress(console) as bar:
-            job = bar.add_task(f"iter {it} train", total=None, info="")
-            summary = train_dpo(policy.model, policy.tokenizer, pairs, dpo_cfg, sft_records=sft_records,
-                                progress=lambda s, n, m, bar=bar, job=job: bar.update(job, completed=s, total=n,
-                                                                    info=f"loss {m['loss']:.3f}"))
+            job = bar.add_task(f"iter {it} train ({cfg.trainer})", total=None, info="")
+            summary = train_fn(policy.model, policy.tokenizer, records, dpo_cfg, sft_records=sft_records,
+                               progress=lambda s, n, m, bar=bar, job=job: bar.update(job, completed=s, total=n,
+                                                                   info=f"loss {m['loss']:.3f}"))
         train_s = time.time() - t0
         write_json(it_dir / "train.json", summary)
         save_model_atomic(policy.model, policy.tokenizer, it_dir / "model")
-        log_eval(it, {"num_pairs": len(pairs), "num_nodes": nodes, "search_s": search_s, "train_s": train_s,
+        log_eval(it, {"num_pairs": len(pairs), "trainer": cfg.trainer, "num_train_records": len(records),
+                      "num_nodes": nodes, "search_s": search_s, "train_s": train_s,
                       "num_sft": len(sft_records), "tasks_solved": solved,
                       "path_correct_rate": (sum(t["correct"] for t in trajs) / len(trajs)) if trajs else 0.0})
 
     _finish(run, rows, console, time.time() - t_start, model_dir)
     return run
+
+
+def _trainer(name: str, pairs: list[dict], lists: list[dict]):
+    """(training function, its records) for ``--trainer``."""
+    if name == "tpo":
+        return train_tpo, lists
+    if name == "step-dpo":
+        return train_dpo, [p for p in pairs if p["rejected_q"] == 0.0]
+    return train_dpo, pairs
 
 
 def _finish(run: Path, rows: list[dict], console: Console, wall: float, model_dir: str) -> None:

@@ -15,8 +15,8 @@ RECS = [{"prompt": f"{a}+1\n", "prefix": "", "chosen": f"{a}+1={a + 1}\n", "reje
 def test_lora_lowers_loss_and_merges_back(tiny_random):
     model, tok = tiny_random
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = train_dpo(model, tok, RECS, DPOConfig(lr=5e-2, epochs=6, batch_size=8, beta=1.0, lora=True, warmup_steps=1,
-                                                    lora_targets=("q_proj", "v_proj", "up_proj")))
+    summary = train_dpo(model, tok, RECS, DPOConfig(lr=5e-2, epochs=6, batch_size=8, beta=1.0, lora=True,
+                                                    warmup_steps=1, lora_targets=("q_proj", "v_proj", "up_proj")))
     assert summary["steps"][-1]["loss"] < summary["steps"][0]["loss"] - 0.05
     n_all = sum(p.numel() for p in model.parameters())
     assert 0 < summary["trainable_parameters"] < n_all / 4  # adapters only
