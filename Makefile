@@ -29,3 +29,5 @@ bench: setup
 	$(PY) -m pip install -q --no-deps llm-reasoners
 	$(PY) benchmarks/tree_ops.py
 	$(PY) benchmarks/search_overhead.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/trainer_vs_trl.py

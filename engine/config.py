@@ -92,6 +92,10 @@ class TrainConfig:
     """Smallest Q difference between best and worst sibling that yields a pair."""
 
     # training
+    trainer: Literal["dpo", "step-dpo", "tpo"] = "dpo"
+    """Preference trainer: DPO on every step pair the search yields; step-DPO on the pairs whose
+    rejected step is a first error (no rollout through it succeeded, Q = 0); TPO on sibling lists
+    ranked by Q (listwise LiPO-lambda loss with adaptive step rewards). All add the NLL term."""
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """Preference loss: DPO (sigmoid), IPO, hinge (SLiC) or robust DPO."""
     label_smoothing: float = 0.0
@@ -108,6 +112,12 @@ class TrainConfig:
     """Weight of the NLL term (RPO) on verified-correct solutions found by the search; 0: plain DPO."""
     sft_per_task: int = 2
     """Most distinct correct solutions per task in the NLL term."""
+    lora: bool = False
+    """Train LoRA adapters (peft) and merge them after each iteration, instead of all weights."""
+    lora_r: int = 8
+    """LoRA rank (with --lora)."""
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names that get LoRA adapters (with --lora)."""
 
     # evaluation and hardware
     heldout_size: int = 500
@@ -155,6 +165,8 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(get_args(tp)[0])}s"
     return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
             str: "a string"}.get(tp, str(tp))
 
@@ -165,6 +177,8 @@ def _matches(value, tp) -> bool:
         return value in get_args(tp)
     if origin in (Union, types.UnionType):
         return any(_matches(value, a) for a in get_args(tp))
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, get_args(tp)[0]) for v in value)
     if tp is type(None):
         return value is None
     if tp is bool:
@@ -195,7 +209,8 @@ def values_from_mapping(data, *, source: str) -> dict:
         elif not _matches(value, hints[key]):
             problems.append(f"{source}: {raw_key} must be {_describe(hints[key])}, got {value!r}")
         else:
-            values[key] = float(value) if hints[key] is float else value
+            values[key] = (float(value) if hints[key] is float else
+                           tuple(value) if get_origin(hints[key]) is tuple else value)
     if problems:
         raise UsageError("\n".join(problems))
     return values
@@ -226,7 +241,7 @@ def load_config_file(path: str) -> dict:
 
 _POSITIVE_INT = ("iterations", "tasks_per_iteration", "simulations", "num_candidates", "rollouts",
                  "sft_per_task", "leaves_per_tree", "beam_width", "max_depth", "step_max_tokens", "epochs",
-                 "batch_size", "heldout_size", "max_new_tokens")
+                 "batch_size", "heldout_size", "max_new_tokens", "lora_r")
 _POSITIVE_FLOAT = ("beta", "lr")
 _NON_NEGATIVE_FLOAT = ("c_puct", "temperature", "sft_weight", "min_q_gap", "prune_below")
 

@@ -33,8 +33,8 @@ from engine.run_dir import (
 )
 from engine.search_runner import rollout_trajectories, run_search
 from envs import MathEnv, TaskFileError, arithmetic_tasks, heldout_arithmetic_tasks, load_tasks
-from search import extract_pairs, extract_trajectories, tree_to_dict, trees_from_dicts
-from trainers import DPOConfig, train_dpo
+from search import extract_pairs, extract_sibling_lists, extract_trajectories, tree_to_dict, trees_from_dicts
+from trainers import DPOConfig, train_dpo, train_tpo
 
 __all__ = ["STAGES", "correct_solutions", "load_policy", "load_run_config", "mcnemar", "prepare", "train"]
 
@@ -242,7 +242,9 @@ class _Run:
         """The recorded files stage ``it/stage`` reads."""
         d = f"iter_{it:03d}"
         models = {"search": it - 1, "train": it - 1, "eval": it}
-        files = {"extract": [f"{d}/trees.json", f"{d}/rollouts.jsonl"], "train": [f"{d}/pairs.jsonl", f"{d}/sft.jsonl"],
+        lists = [f"{d}/lists.jsonl"] if self.cfg.trainer == "tpo" else []
+        files = {"extract": [f"{d}/trees.json", f"{d}/rollouts.jsonl"],
+                 "train": [f"{d}/pairs.jsonl", f"{d}/sft.jsonl", *lists],
                  "eval": ["iter_000/heldout_correct.jsonl"] if it else []}.get(stage, [])
         k = models.get(stage, 0)
         return files + ([f"iter_{k:03d}/model"] if k > 0 else [])
@@ -323,22 +325,30 @@ class _Run:
         _failpoint(f"{it}/extract")
         write_jsonl(d / "trajectories.jsonl", trajs)
         write_jsonl(d / "sft.jsonl", sft_records)
+        outputs = [d / "pairs.jsonl", d / "trajectories.jsonl", d / "sft.jsonl"]
+        if cfg.trainer == "tpo":
+            write_jsonl(d / "lists.jsonl", extract_sibling_lists(tree, prompts=prompts, task_ids=ids, iteration=it))
+            outputs.append(d / "lists.jsonl")
         solved = len({t["task_id"] for t in sft_records})
         self.console.print(f"iteration {it}: {len(pairs)} step pairs; {solved} tasks solved by some path")
-        self.complete(f"{it}/extract", [d / "pairs.jsonl", d / "trajectories.jsonl", d / "sft.jsonl"],
+        self.complete(f"{it}/extract", outputs,
                       {"num_pairs": len(pairs), "num_sft": len(sft_records), "tasks_solved": solved,
                        "path_correct_rate": (sum(t["correct"] for t in trajs) / len(trajs)) if trajs else 0.0})
 
     def train(self, it: int) -> None:
         cfg, d = self.cfg, self.it_dir(it)
-        self.verify(f"iter_{it:03d}/pairs.jsonl", f"iter_{it:03d}/sft.jsonl")
+        self.verify(*self.needs(it, "train"))
         pairs, sft_records = read_jsonl(d / "pairs.jsonl"), read_jsonl(d / "sft.jsonl")
         self.use_model(it - 1)
         key = f"{it}/train"
         t0 = time.time()
         dpo_cfg = DPOConfig(beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                             sft_weight=cfg.sft_weight, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
-                            seed=cfg.seed * 1_000 + it)
+                            seed=cfg.seed * 1_000 + it, lora=cfg.lora, lora_r=cfg.lora_r,
+                            lora_targets=tuple(cfg.lora_targets), metrics_path=str(d / "train_metrics.jsonl"))
+        lists = read_jsonl(d / "lists.jsonl") if cfg.trainer == "tpo" else []
+        train_fn, records = _trainer(cfg.trainer, pairs, lists)
+        (d / "train_metrics.jsonl").unlink(missing_ok=True)
 
         def progress(step, total, m, bar, job):
             bar.update(job, completed=step, total=total, info=f"loss {m['loss']:.3f}")
@@ -347,15 +357,16 @@ class _Run:
 
         self.loaded = None  # the weights change from here on; only a completed stage names them
         with _progress(self.console) as bar:
-            job = bar.add_task(f"iter {it} train", total=None, info="")
-            summary = train_dpo(self.policy.model, self.policy.tokenizer, pairs, dpo_cfg, sft_records=sft_records,
-                                progress=lambda s, n, m: progress(s, n, m, bar, job))
+            job = bar.add_task(f"iter {it} train ({cfg.trainer})", total=None, info="")
+            summary = train_fn(self.policy.model, self.policy.tokenizer, records, dpo_cfg, sft_records=sft_records,
+                               progress=lambda s, n, m: progress(s, n, m, bar, job))
         _failpoint(key)  # also when there was nothing to train on
         train_s = time.time() - t0
         write_json(d / "train.json", summary)
         save_model_atomic(self.policy.model, self.policy.tokenizer, d / "model")
         self.loaded = it
-        self.complete(key, [d / "train.json", d / "model"], {"train_s": train_s})
+        outputs = [d / "train.json", d / "model"] + [f for f in [d / "train_metrics.jsonl"] if f.exists()]
+        self.complete(key, outputs, {"train_s": train_s, "trainer": cfg.trainer, "num_train_records": len(records)})
 
     def eval(self, it: int) -> None:
         self.use_model(it)
@@ -459,6 +470,15 @@ def _train(cfg: TrainConfig, run: Path, state: dict, locks: list, console: Conso
     rows = r.metrics()
     _finish(run, rows, console, r.elapsed(), model_dir)
     return run
+
+
+def _trainer(name: str, pairs: list[dict], lists: list[dict]):
+    """(training function, its records) for ``--trainer``."""
+    if name == "tpo":
+        return train_tpo, lists
+    if name == "step-dpo":
+        return train_dpo, [p for p in pairs if p["rejected_q"] == 0.0]
+    return train_dpo, pairs
 
 
 def _finish(run: Path, rows: list[dict], console: Console, wall: float, model_dir: str) -> None:

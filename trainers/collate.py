@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CollateStats", "TokenizedPair", "pad_sequences", "tokenize_pairs"]
+__all__ = ["CollateStats", "TokenizedPair", "pad_sequences", "split_steps", "tokenize_groups", "tokenize_pairs"]
 
 Encode = Callable[[list[str]], list[list[int]]]
 
@@ -39,6 +39,52 @@ class CollateStats:
     """Records dropped because a continuation alone exceeded ``max_length``."""
     context_tokens: int
     continuation_tokens: int
+
+
+def split_steps(text: str) -> list[str]:
+    """A continuation's steps: its lines, each keeping its newline."""
+    return text.splitlines(keepends=True) or [text]
+
+
+def tokenize_groups(
+    contexts: Sequence[str], continuations: Sequence[Sequence[str]], encode: Encode, max_length: int, *,
+    steps: bool = False,
+) -> tuple[list, list[int], CollateStats]:
+    """Tokenise ``contexts[i]`` and each of ``continuations[i]`` separately (each step separately
+    when ``steps``) into :class:`trainers.packing.Group` objects; also the indices of the records
+    kept. A continuation is never cut: the context loses tokens on the left so that context plus
+    the longest continuation fit ``max_length``, and a record whose longest continuation alone
+    does not fit is skipped."""
+    from trainers.packing import Group
+
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    ctx_ids = encode(list(contexts))
+    flat = [piece for conts in continuations for c in conts for piece in (split_steps(c) if steps else [c])]
+    pieces = iter(encode(flat))
+    out, kept, truncated, skipped, ctx_tok, cont_tok = [], [], 0, 0, 0, 0
+    for i, (ctx, conts) in enumerate(zip(ctx_ids, continuations)):
+        ids, lengths = [], []
+        for c in conts:
+            parts = [next(pieces) for _ in (split_steps(c) if steps else [c])]
+            ids.append([t for p in parts for t in p])
+            lengths.append([len(p) for p in parts])
+        longest = max((len(x) for x in ids), default=0)
+        if longest == 0 or longest >= max_length or min(len(x) for x in ids) == 0:
+            skipped += 1
+            continue
+        room = max_length - longest
+        if len(ctx) > room:
+            ctx = ctx[len(ctx) - room :]
+            truncated += 1
+        if not ctx:
+            skipped += 1
+            continue
+        out.append(Group(list(ctx), ids, lengths if steps else None))
+        kept.append(i)
+        ctx_tok += len(ctx)
+        cont_tok += sum(map(len, ids))
+    return out, kept, CollateStats(len(out), truncated, skipped, ctx_tok, cont_tok)
 
 
 def tokenize_pairs(

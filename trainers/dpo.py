@@ -1,60 +1,31 @@
-"""DPO / step-DPO training: a plain torch loop over tokenised pairs.
+"""DPO and step-DPO: the pair losses of :mod:`trainers.losses` on pair records.
 
-Reference log-probabilities are computed once, before the first update, with the model as it is
-at the start of the call; no second model is held in memory. An optional SFT term on the chosen
-continuation (RPO: Pang et al., 2024, "Iterative Reasoning Preference Optimization", eq. 2; the
-negative log-likelihood is normalised by the continuation's length) keeps the chosen likelihood
-from falling, which is what DPO on small models otherwise does first.
+DPO (Rafailov et al., 2023) on response-level pairs; step-DPO (Lai et al., 2024) is the same loss
+on step-level pairs (``prefix`` = the steps already taken). An optional SFT term (RPO: Pang et al.,
+2024, "Iterative Reasoning Preference Optimization", eq. 2; normalised per token) keeps the chosen
+likelihood from falling, which is what DPO on small models otherwise does first. Per-record
+``weight`` and ``label_smoothing`` fields (e.g. MCTS-DPO's visit-count smoothing) are honoured.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from trainers.collate import TokenizedPair, pad_sequences, tokenize_pairs
-from trainers.losses import LOSSES, implicit_rewards, preference_loss
+from trainers.collate import pad_sequences, tokenize_groups
+from trainers.loop import DPOConfig, PackedSlice, StepOutput, fit, make_encoder
+from trainers.losses import LOSSES, preference_loss
+from trainers.packing import Group
 
 __all__ = ["DPOConfig", "sequence_logps", "train_dpo"]
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    """Hyperparameters of one DPO training call."""
-
-    beta: float = 0.1
-    """Strength of the KL anchor to the reference policy."""
-    lr: float = 1e-4
-    """Peak AdamW learning rate: linear warmup, then linear decay to 0 (TRL's default schedule)."""
-    epochs: int = 2
-    """Passes over the pairs."""
-    batch_size: int = 16
-    """Pairs per optimiser step."""
-    sft_weight: float = 0.0
-    """Weight of the per-token NLL term (RPO); 0 disables it. It applies to ``sft_records`` when
-    those are given (verified-correct whole solutions), else to the chosen continuations."""
-    loss: str = "sigmoid"
-    """Preference loss: sigmoid (DPO), ipo, hinge or robust (see trainers.losses)."""
-    label_smoothing: float = 0.0
-    """Label-flip rate epsilon for sigmoid (conservative DPO) and robust; 0 is plain DPO."""
-    max_length: int = 512
-    """Longest tokenised ``prompt + prefix + continuation``; the prefix is cut from the left."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    warmup_steps: int = 5
-    """Linear warmup steps."""
-    seed: int = 0
-    """Seed for the order of the pairs."""
 
 
 def sequence_logps(model, contexts: Sequence[list[int]], continuations: Sequence[list[int]],
                    pad_id: int, device: torch.device) -> torch.Tensor:
     """Summed log-probability of each continuation given its context, shape ``[N]``, and the
-    per-row continuation lengths ``[N]``."""
+    per-row continuation lengths ``[N]`` (plain padded rows, no packing)."""
     ids, attn, loss_mask = pad_sequences(contexts, continuations, pad_id)
     ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
@@ -63,19 +34,11 @@ def sequence_logps(model, contexts: Sequence[list[int]], continuations: Sequence
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def _pair_logps(model, batch: list[TokenizedPair], pad_id: int, device):
-    ctx = [p.context for p in batch] * 2
-    cont = [p.chosen for p in batch] + [p.rejected for p in batch]
-    logps, lengths = sequence_logps(model, ctx, cont, pad_id, device)
-    n = len(batch)
-    return logps[:n], logps[n:], lengths[:n]
-
-
-def _tokenize_sft(records: Sequence[dict], encode, max_length: int):
-    """Trajectory records (``prompt``, ``steps``) as (context ids, completion ids), skipping any
-    that do not fit ``max_length``, and sampling probabilities that give every solution length
-    (number of steps) the same total weight: correct solutions are far more common for short
-    problems, and an unbalanced NLL term teaches the policy to stop early."""
+def _tokenize_sft(records: Sequence[dict], encode, max_length: int) -> tuple[list[Group], np.ndarray]:
+    """Trajectory records (``prompt``, ``steps``) as one-continuation groups, skipping any that do
+    not fit ``max_length``, and sampling probabilities that give every solution length (number of
+    steps) the same total weight: correct solutions are far more common for short problems, and an
+    unbalanced NLL term teaches the policy to stop early."""
     if not records:
         return [], np.zeros(0)
     ctx = encode([r["prompt"] for r in records])
@@ -84,14 +47,24 @@ def _tokenize_sft(records: Sequence[dict], encode, max_length: int):
     lengths = [len(records[i]["steps"]) for i in keep]
     counts = {n: lengths.count(n) for n in set(lengths)}
     weights = np.array([1.0 / counts[n] for n in lengths])
-    return [(ctx[i], comp[i]) for i in keep], weights / max(weights.sum(), 1e-12)
+    return [Group(ctx[i], [comp[i]]) for i in keep], weights / max(weights.sum(), 1e-12)
 
 
-def _lr_at(step: int, total: int, config: DPOConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then linear decay to zero at ``total``."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    return config.lr * max(0.0, (total - step) / max(1, total - config.warmup_steps))
+def pair_objective(config: DPOConfig, weights: torch.Tensor, eps: torch.Tensor):
+    """Per-record pair loss of ``config.loss`` times the record weights."""
+
+    def objective(logp: torch.Tensor, ref_tok: torch.Tensor, part: PackedSlice) -> StepOutput:
+        member = part.batch.member[: part.tokens]
+        m = 2 * len(part.groups)
+        pol = torch.zeros(m, dtype=logp.dtype, device=logp.device).index_add(0, member, logp)
+        ref = torch.zeros(m, dtype=ref_tok.dtype, device=logp.device).index_add(0, member, ref_tok)
+        pc, pr, rc, rr = pol[0::2], pol[1::2], ref[0::2], ref[1::2]
+        idx = torch.as_tensor(part.index)
+        losses = preference_loss(config.loss, pc, pr, rc, rr, beta=config.beta,
+                                 label_smoothing=eps[idx].to(logp.device))
+        return StepOutput(losses * weights[idx].to(logp.device), pc.detach(), pr.detach(), rc, rr)
+
+    return objective
 
 
 def train_dpo(
@@ -103,82 +76,28 @@ def train_dpo(
     sft_records: Sequence[dict] = (),
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Fit ``model`` in place to pair records; returns a summary with per-step metrics (named as
+    """Fit ``model`` in place to pair records (``prompt``, ``prefix``, ``chosen``, ``rejected``,
+    optional ``weight`` and ``label_smoothing``); returns a summary with per-step metrics (named as
     TRL names them: ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``)."""
-    if config.beta <= 0 or not math.isfinite(config.beta):
+    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``) and how many records were cut or
+    skipped to fit ``max_length``."""
+    if config.beta <= 0 or not np.isfinite(config.beta):
         raise ValueError(f"beta must be a positive number, got {config.beta}")
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-
-    pairs, stats = tokenize_pairs(records, encode, config.max_length)
+    encode = make_encoder(tokenizer)
+    groups, kept, stats = tokenize_groups([r["prompt"] + r.get("prefix", "") for r in records],
+                                          [(r["chosen"], r["rejected"]) for r in records], encode, config.max_length)
     sft, sft_p = _tokenize_sft(sft_records, encode, config.max_length) if config.sft_weight > 0 else ([], None)
-    summary = {"pairs": len(pairs), "truncated": stats.truncated, "skipped": stats.skipped,
+    summary = {"pairs": len(groups), "truncated": stats.truncated, "skipped": stats.skipped,
                "context_tokens": stats.context_tokens, "continuation_tokens": stats.continuation_tokens,
                "steps": []}
-    if not pairs:
+    if not groups:
         return summary
-
-    # Reference log-probabilities, once, with the starting weights.
-    model.eval()
-    ref_c = torch.zeros(len(pairs))
-    ref_r = torch.zeros(len(pairs))
-    with torch.inference_mode():
-        for s in range(0, len(pairs), config.batch_size * 4):
-            c, r, _ = _pair_logps(model, pairs[s : s + config.batch_size * 4], pad_id, device)
-            ref_c[s : s + len(c)] = c.cpu()
-            ref_r[s : s + len(r)] = r.cpu()
-
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                            weight_decay=0.0)
-    rng = np.random.default_rng(config.seed)
-    steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    step = 0
-    model.train()
-    for _ in range(config.epochs):
-        order = rng.permutation(len(pairs))
-        for s in range(0, len(pairs), config.batch_size):
-            idx = order[s : s + config.batch_size]
-            batch = [pairs[i] for i in idx]
-            pc, pr, len_c = _pair_logps(model, batch, pad_id, device)
-            rc, rr = ref_c[idx].to(device), ref_r[idx].to(device)
-            losses = preference_loss(config.loss, pc, pr, rc, rr, beta=config.beta,
-                                     label_smoothing=config.label_smoothing)
-            loss = losses.mean()
-            if config.sft_weight > 0 and sft:
-                rows = [sft[int(i)] for i in rng.choice(len(sft), size=config.batch_size, p=sft_p)]
-                logp, n_tok = sequence_logps(model, [r[0] for r in rows], [r[1] for r in rows], pad_id, device)
-                loss = loss + config.sft_weight * (-logp.sum() / n_tok.sum().clamp(min=1))
-            elif config.sft_weight > 0:
-                loss = loss + config.sft_weight * (-pc.sum() / len_c.sum().clamp(min=1))
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, config)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            opt.step()
-            step += 1
-            with torch.no_grad():
-                rw_c = implicit_rewards(pc, rc, config.beta)
-                rw_r = implicit_rewards(pr, rr, config.beta)
-                metrics = {
-                    "step": step,
-                    "loss": float(loss),
-                    "rewards/chosen": float(rw_c.mean()),
-                    "rewards/rejected": float(rw_r.mean()),
-                    "rewards/margins": float((rw_c - rw_r).mean()),
-                    "rewards/accuracies": float((rw_c > rw_r).float().mean()),
-                    "logps/chosen": float(pc.mean()),
-                    "logps/rejected": float(pr.mean()),
-                }
-            summary["steps"].append(metrics)
-            if progress is not None:
-                progress(step, total, metrics)
-    model.eval()
-    return summary
+    weights = torch.tensor([float(records[i].get("weight", 1.0)) for i in kept])
+    eps = torch.tensor([float(records[i].get("label_smoothing", config.label_smoothing)) for i in kept])
+    if bool(((eps < 0) | (eps >= 0.5)).any()):
+        raise ValueError("every record's label_smoothing must be in [0, 0.5)")
+    info = fit(model, tokenizer, groups, config, objective=pair_objective(config, weights, eps),
+               sft_groups=sft, sft_p=sft_p, progress=progress)
+    return {**summary, **info}

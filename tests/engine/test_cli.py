@@ -43,6 +43,27 @@ def test_train_smoke(tmp_path, trained_model_dir):
     assert "held-out accuracy" in out.stdout
 
 
+def test_train_tpo_with_lora_writes_lists_and_trainer_metrics(tmp_path, trained_model_dir):
+    out = run_cli("train", "--env", "math", "--model", str(trained_model_dir), "--runs-dir", str(tmp_path),
+                  "--name", "tpo", "--trainer", "tpo", "--lora", "--lora-targets", "q_proj", "v_proj", *SMOKE)
+    assert out.returncode == 0, out.stdout + out.stderr
+    it = tmp_path / "tpo" / "iter_001"
+    lists = [json.loads(line) for line in (it / "lists.jsonl").read_text().splitlines()]
+    assert lists and all(r["scores"] == sorted(r["scores"], reverse=True) for r in lists)
+    steps = [json.loads(line) for line in (it / "train_metrics.jsonl").read_text().splitlines()]
+    assert steps and {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                      "logps/chosen", "logps/rejected"} <= set(steps[0])
+    row = json.loads((tmp_path / "tpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["trainer"] == "tpo" and row["num_train_records"] == len(lists)
+
+
+def test_help_documents_trainer_flags():
+    out = run_cli("train", "--help")
+    assert out.returncode == 0
+    for flag in ("--trainer", "step-dpo", "tpo", "--loss", "--beta", "--lora", "--lora-targets"):
+        assert flag in out.stdout, flag
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
