@@ -166,7 +166,7 @@ def _describe(tp) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp))
     if origin is tuple:
-        return f"a list of {_describe(get_args(tp)[0])}s"
+        return "a list of strings" if get_args(tp)[0] is str else f"a list of ({_describe(get_args(tp)[0])})"
     return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
             str: "a string"}.get(tp, str(tp))
 
