@@ -24,15 +24,11 @@ import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 
-from engine.run_dir import append_jsonl, save_model_atomic, write_json, write_jsonl
 from engine.tiny_model import build_model, build_tokenizer, default_cache_dir
 from envs import (
     code_tasks,
@@ -44,9 +40,9 @@ from envs import (
     task_job,
 )
 from envs.sandbox import Sandbox
-from trainers import DPOConfig, train_dpo
 
-__all__ = ["CODE_CHARS", "CodeBootstrapConfig", "bootstrap_code", "evaluate_pass_at_1", "train_code"]
+__all__ = ["CODE_CHARS", "CodeBootstrapConfig", "bootstrap_code", "code_max_tokens", "code_task_sources",
+           "evaluate_pass_at_1", "pairs_from_runs", "sample_and_run"]
 
 CODE_CHARS = "".join(ch for ch in string.printable if ch not in "\r\x0b\x0c\t")
 """Printable ASCII and newline: the code model's characters."""
@@ -199,7 +195,8 @@ def bootstrap_code(config: CodeBootstrapConfig = CodeBootstrapConfig(), cache_di
     return target
 
 
-def _task_sources(cfg):
+def code_task_sources(cfg):
+    """(held-out tasks, iterator over training tasks) for ``--env code``."""
     if cfg.task_file is None:
         heldout = heldout_code_tasks(min(cfg.heldout_size, 200))
         return heldout, code_tasks(cfg.seed + 1, exclude=frozenset(t["prompt"] for t in heldout))
@@ -216,120 +213,53 @@ def _task_sources(cfg):
     return heldout, cycle()
 
 
-def _pairs_for_iteration(tasks, samples, sandbox, cfg, it: int) -> tuple[list[dict], list[dict], dict]:
-    """Pass matrices and pairs for one iteration's sampled completions."""
-    parsed = [[split_completion(s.text) for s in group] for group in samples]
-    jobs, index = [], []
-    for task, group in zip(tasks, parsed):
-        codes = list(dict.fromkeys(body for body, _, _ in group if body.strip()))
-        tests = list(dict.fromkeys(t for _, ts, _ in group for t in ts))
-        use_gt = cfg.code_pairs == "ground-truth" or (cfg.code_pairs == "auto" and task["tests"])
+def code_max_tokens(cfg) -> int:
+    return max(cfg.max_new_tokens, MIN_CODE_TOKENS)
+
+
+def sample_and_run(policy, tasks: list[dict], cfg, sandbox: Sandbox) -> list[dict]:
+    """The search stage of ``--env code``: ``--simulations`` sampled completions per task, split into
+    body and own tests; every distinct body run in the sandbox against every distinct own test (the
+    pass matrix), or against the task's ground-truth tests. One JSON-able record per task."""
+    samples = policy.generate([t["prompt"] for t in tasks], num_samples=cfg.simulations, temperature=cfg.temperature,
+                              max_new_tokens=code_max_tokens(cfg), stop=None)
+    jobs, out = [], []
+    for task, group in zip(tasks, samples):
+        parsed = [split_completion(s.text) for s in group]
+        codes = list(dict.fromkeys(body for body, _, _ in parsed if body.strip()))
+        tests = list(dict.fromkeys(t for _, ts, _ in parsed for t in ts))
+        use_gt = bool(cfg.code_pairs == "ground-truth" or (cfg.code_pairs == "auto" and task["tests"]))
         for c in codes:
             if use_gt:
                 jobs.append(task_job(task, c))
             elif tests:
                 jobs.append(task_job(task, c, tests))
-        index.append((codes, tests, use_gt))
-    results = sandbox.run_many(jobs)
-    pairs, trajs, pos = [], [], 0
-    stats = {"tasks_with_pair": 0, "own_tests": 0, "gt_pass_rate_of_samples": []}
-    for task, (codes, tests, use_gt) in zip(tasks, index):
-        n = len(codes) if (use_gt or tests) else 0
+        out.append({"task": task, "codes": codes, "tests": tests, "ground_truth": use_gt})
+    results, pos = sandbox.run_many(jobs), 0
+    for rec in out:
+        n = len(rec["codes"]) if (rec["ground_truth"] or rec["tests"]) else 0
         res, pos = results[pos: pos + n], pos + n
-        if use_gt:
-            new = ground_truth_pairs(task, codes, [r.all_passed for r in res], iteration=it)
+        rec["passed"] = [list(map(bool, r.passed)) for r in res]
+        rec["all_passed"] = [bool(r.all_passed) for r in res]
+    return out
+
+
+def pairs_from_runs(runs: list[dict], iteration: int) -> tuple[list[dict], list[dict], dict]:
+    """The extract stage of ``--env code``: DSTC minimax pairs (or ground-truth pairs) and the sampled
+    solutions as trajectories, from :func:`sample_and_run` records."""
+    pairs, trajs = [], []
+    stats = {"tasks_with_pair": 0, "own_tests": 0}
+    for rec in runs:
+        task, codes, tests = rec["task"], rec["codes"], rec["tests"]
+        if rec["ground_truth"]:
+            new = ground_truth_pairs(task, codes, rec["all_passed"], iteration=iteration)
         else:
-            matrix = np.array([r.passed for r in res], dtype=bool).reshape(len(res), len(tests))
-            new = minimax_pairs(task, codes, tests, matrix, iteration=it)
+            matrix = np.array(rec["passed"], dtype=bool).reshape(len(rec["passed"]), len(tests))
+            new = minimax_pairs(task, codes, tests, matrix, iteration=iteration)
         stats["own_tests"] += len(tests)
         stats["tasks_with_pair"] += bool(new)
         pairs += new
-        trajs += [{"prompt": task["prompt"], "steps": [c], "reward": float(r.all_passed), "correct": r.all_passed,
-                   "task_id": task.get("task_id", ""), "iteration": it, "source": "sample"}
-                  for c, r in zip(codes, res)]
+        trajs += [{"prompt": task["prompt"], "steps": [c], "reward": float(ok), "correct": ok,
+                   "task_id": task.get("task_id", ""), "iteration": iteration, "source": "sample"}
+                  for c, ok in zip(codes, rec["all_passed"])]
     return pairs, trajs, stats
-
-
-def train_code(cfg, console: Console | None = None, run: Path | None = None) -> Path:
-    """The loop of :mod:`engine.loop` for ``--env code``; returns the run directory."""
-    from engine.loop import load_policy, mcnemar, prepare
-
-    console = console or Console()
-    run = run or prepare(cfg)
-    t_start = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    sandbox = Sandbox()
-    console.print(f"sandbox: {sandbox.describe()['isolation']} ({sandbox.describe()['cgroup']})")
-    model_dir = cfg.model or str(bootstrap_code(CodeBootstrapConfig(seed=cfg.seed), sandbox=sandbox,
-                                                log=console.print))
-    policy = load_policy(model_dir, cfg.device)
-    heldout, stream = _task_sources(cfg)
-    max_tokens = max(cfg.max_new_tokens, MIN_CODE_TOKENS)
-    run.mkdir(parents=True)
-    write_json(run / "config.json", {"format": 1, "model_dir": str(model_dir), "sandbox": sandbox.describe(),
-                                     **dataclasses.asdict(cfg)})
-    console.print(f"run directory: {run}")
-    rows, correct = [], []
-
-    def log_eval(it: int, extra: dict) -> None:
-        t = time.time()
-        with console.status(f"evaluating {len(heldout)} held-out tasks (greedy pass@1)"):
-            ev = evaluate_pass_at_1(policy, heldout, sandbox, max_tokens)
-        row = {"iteration": it, "heldout_pass@1": ev["heldout_pass@1"], "heldout_accuracy": ev["heldout_pass@1"],
-               "heldout_by_level": ev["heldout_by_level"], "eval_s": time.time() - t, **extra,
-               "wall_s": time.time() - t_start}
-        (run / f"iter_{it:03d}").mkdir(exist_ok=True)
-        write_jsonl(run / f"iter_{it:03d}" / "heldout_correct.jsonl",
-                    [{"task_id": t["task_id"], "correct": c} for t, c in zip(heldout, ev["heldout_correct"])])
-        correct.append(ev["heldout_correct"])
-        if it:
-            row.update(mcnemar(correct[0], correct[-1]))
-        append_jsonl(run / "metrics.jsonl", row)
-        rows.append(row)
-        levels = "  ".join(f"{k}:{v:.0%}" for k, v in row["heldout_by_level"].items())
-        console.print(f"iteration {it}: held-out pass@1 {row['heldout_pass@1']:.1%}  ({levels})")
-
-    log_eval(0, {"num_pairs": 0})
-    for it in range(1, cfg.iterations + 1):
-        it_dir = run / f"iter_{it:03d}"
-        it_dir.mkdir(exist_ok=True)
-        tasks = list(islice(stream, cfg.tasks_per_iteration))
-        torch.manual_seed(cfg.seed * 1_000 + it)
-        t0 = time.time()
-        with console.status(f"iteration {it}: sampling {cfg.simulations} completions for {len(tasks)} tasks"):
-            samples = policy.generate([t["prompt"] for t in tasks], num_samples=cfg.simulations,
-                                      temperature=cfg.temperature, max_new_tokens=max_tokens, stop=None)
-        with console.status(f"iteration {it}: running the pass matrices in the sandbox"):
-            pairs, trajs, stats = _pairs_for_iteration(tasks, samples, sandbox, cfg, it)
-        search_s = time.time() - t0
-        write_jsonl(it_dir / "pairs.jsonl", pairs)
-        write_jsonl(it_dir / "trajectories.jsonl", trajs)
-        console.print(f"iteration {it}: {len(pairs)} pairs from {len(tasks)} tasks ({stats['own_tests']} own tests) "
-                      f"in {search_s:.0f}s")
-        t0 = time.time()
-        dpo_cfg = DPOConfig(beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                            sft_weight=cfg.sft_weight, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
-                            seed=cfg.seed * 1_000 + it)
-        summary = train_dpo(policy.model, policy.tokenizer, pairs, dpo_cfg)
-        train_s = time.time() - t0
-        write_json(it_dir / "train.json", summary)
-        save_model_atomic(policy.model, policy.tokenizer, it_dir / "model")
-        sample_pass = (sum(t["correct"] for t in trajs) / len(trajs)) if trajs else 0.0
-        log_eval(it, {"num_pairs": len(pairs), "search_s": search_s, "train_s": train_s,
-                      "tasks_with_pair": stats["tasks_with_pair"], "sample_pass_rate": sample_pass})
-
-    table = Table(title=f"held-out greedy pass@1 — {run}")
-    for col in ("iteration", "pass@1", "pairs", "wall s"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["iteration"]), f"{r['heldout_pass@1']:.1%}", str(r["num_pairs"]), f"{r['wall_s']:.0f}")
-    console.print(table)
-    write_json(run / "summary.json", {
-        "iterations": len(rows) - 1, "wall_s": time.time() - t_start, "start_model": str(model_dir),
-        "heldout_pass@1": [r["heldout_pass@1"] for r in rows],
-        "gain": rows[-1]["heldout_pass@1"] - rows[0]["heldout_pass@1"],
-        **{k: rows[-1][k] for k in ("gained_vs_start", "lost_vs_start", "mcnemar_p") if k in rows[-1]}})
-    sandbox.close()
-    return run
-

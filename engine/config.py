@@ -144,7 +144,7 @@ RUN_ONLY = ("config", "resume", "allow_config_change")
 """Options about this invocation, not part of a run's configuration."""
 SAFE_ON_RESUME = ("iterations", "threads", "device")
 """Options a resumed run may change (with --allow-config-change)."""
-_IGNORED_KEYS = ("format", "model_dir")  # written into a run's config.json beside the options
+_IGNORED_KEYS = ("format", "model_dir", "sandbox")  # written into a run's config.json beside the options
 
 
 def run_fields(cfg: TrainConfig) -> dict:
@@ -269,8 +269,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.threads < 0:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
-    if cfg.env == "code" and cfg.resume is not None:
-        problems.append("--resume is not available for --env code runs yet (math runs resume); start a new run")
+    if cfg.env == "code" and cfg.trainer == "tpo":
+        problems.append("--trainer tpo needs ranked lists from a search tree; use it with --env math")
     if cfg.allow_config_change and cfg.resume is None:
         problems.append("--allow-config-change only applies with --resume RUN_DIR")
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name.startswith(".")):

@@ -146,6 +146,10 @@ def _can_write(directory: Path) -> bool:
 
 def _task_sources(cfg: TrainConfig):
     """(held-out tasks, iterator over training tasks)."""
+    if cfg.env == "code":
+        from engine.code_task import code_task_sources
+
+        return code_task_sources(cfg)
     if cfg.task_file is None:
         heldout = heldout_arithmetic_tasks(cfg.heldout_size)
         exclude = frozenset(t["prompt"] for t in heldout)
@@ -205,10 +209,12 @@ class _Run:
     Every stage reads its inputs from disk and writes its outputs atomically, so a resumed stage
     sees exactly what an uninterrupted one would."""
 
-    def __init__(self, cfg: TrainConfig, run: Path, model_dir: str, state: dict, console: Console, policy=None):
+    def __init__(self, cfg: TrainConfig, run: Path, model_dir: str, state: dict, console: Console, policy=None,
+                 sandbox=None):
         self.cfg, self.run, self.model_dir, self.state, self.console = cfg, run, model_dir, state, console
         self.heldout, _ = _task_sources(cfg)
-        self.env = MathEnv(max_steps=cfg.max_depth)
+        self.env = MathEnv(max_steps=cfg.max_depth) if cfg.env == "math" else None
+        self.sandbox = sandbox
         self.policy = policy
         # the iteration whose weights the policy holds (0: the start model; None: none or in training)
         self.loaded: int | None = 0 if policy is not None else None
@@ -243,7 +249,8 @@ class _Run:
         d = f"iter_{it:03d}"
         models = {"search": it - 1, "train": it - 1, "eval": it}
         lists = [f"{d}/lists.jsonl"] if self.cfg.trainer == "tpo" else []
-        files = {"extract": [f"{d}/trees.json", f"{d}/rollouts.jsonl"],
+        searched = [f"{d}/samples.jsonl"] if self.cfg.env == "code" else [f"{d}/trees.json", f"{d}/rollouts.jsonl"]
+        files = {"extract": searched,
                  "train": [f"{d}/pairs.jsonl", f"{d}/sft.jsonl", *lists],
                  "eval": ["iter_000/heldout_correct.jsonl"] if it else []}.get(stage, [])
         k = models.get(stage, 0)
@@ -285,6 +292,8 @@ class _Run:
         self.use_model(it - 1)
         tasks = _iteration_tasks(cfg, it)
         torch.manual_seed(cfg.seed * 1_000 + it)
+        if cfg.env == "code":
+            return self._search_code(it, tasks)
         t0 = time.time()
         record: list = []
         key = f"{it}/search"
@@ -308,9 +317,40 @@ class _Run:
         self.console.print(f"iteration {it}: searched {len(tasks)} tasks ({nodes} nodes) in {search_s:.0f}s")
         self.complete(key, [d / "trees.json", d / "rollouts.jsonl"], {"search_s": search_s, "num_nodes": nodes})
 
+    def _search_code(self, it: int, tasks: list[dict]) -> None:
+        from engine.code_task import sample_and_run
+
+        t0, d = time.time(), self.it_dir(it)
+        with self.console.status(f"iteration {it}: sampling {self.cfg.simulations} completions for {len(tasks)} "
+                                 "tasks and running their pass matrices in the sandbox"):
+            runs = sample_and_run(self.policy, tasks, self.cfg, self.sandbox)
+        _failpoint(f"{it}/search")
+        search_s = time.time() - t0
+        write_jsonl(d / "samples.jsonl", runs)
+        self.console.print(f"iteration {it}: sampled and ran {sum(len(r['codes']) for r in runs)} distinct bodies "
+                           f"for {len(tasks)} tasks in {search_s:.0f}s")
+        self.complete(f"{it}/search", [d / "samples.jsonl"], {"search_s": search_s})
+
+    def _extract_code(self, it: int) -> None:
+        from engine.code_task import pairs_from_runs
+
+        d = self.it_dir(it)
+        self.verify(*self.needs(it, "extract"))
+        pairs, trajs, stats = pairs_from_runs(read_jsonl(d / "samples.jsonl"), it)
+        write_jsonl(d / "pairs.jsonl", pairs)
+        _failpoint(f"{it}/extract")
+        write_jsonl(d / "trajectories.jsonl", trajs)
+        write_jsonl(d / "sft.jsonl", [])  # the NLL term falls back to the chosen responses
+        self.console.print(f"iteration {it}: {len(pairs)} pairs ({stats['own_tests']} own tests)")
+        self.complete(f"{it}/extract", [d / "pairs.jsonl", d / "trajectories.jsonl", d / "sft.jsonl"],
+                      {"num_pairs": len(pairs), "tasks_with_pair": stats["tasks_with_pair"],
+                       "sample_pass_rate": (sum(t["correct"] for t in trajs) / len(trajs)) if trajs else 0.0})
+
     def extract(self, it: int) -> None:
+        if self.cfg.env == "code":
+            return self._extract_code(it)
         cfg, d = self.cfg, self.it_dir(it)
-        self.verify(f"iter_{it:03d}/trees.json", f"iter_{it:03d}/rollouts.jsonl")
+        self.verify(*self.needs(it, "extract"))
         dicts = read_json(d / "trees.json")
         tree = trees_from_dicts(dicts)
         prompts = [t["meta"]["prompt"] for t in dicts]
@@ -373,11 +413,18 @@ class _Run:
         d = self.it_dir(it)
         t = time.time()
         with self.console.status(f"evaluating {len(self.heldout)} held-out problems (greedy)"):
-            ev = evaluate(self.policy, self.heldout, self.cfg.max_new_tokens)
+            if self.cfg.env == "code":
+                from engine.code_task import code_max_tokens, evaluate_pass_at_1
+
+                ev = evaluate_pass_at_1(self.policy, self.heldout, self.sandbox, code_max_tokens(self.cfg))
+                ev["heldout_accuracy"] = ev["heldout_pass@1"]
+            else:
+                ev = evaluate(self.policy, self.heldout, self.cfg.max_new_tokens)
         write_jsonl(d / "heldout_correct.jsonl",
                     [{"task_id": t["task_id"], "correct": c} for t, c in zip(self.heldout, ev["heldout_correct"])])
         _failpoint(f"{it}/eval")
         row = {"iteration": it, "heldout_accuracy": ev["heldout_accuracy"],
+               **({"heldout_pass@1": ev["heldout_pass@1"]} if "heldout_pass@1" in ev else {}),
                "heldout_by_level": ev["heldout_by_level"], "eval_s": time.time() - t,
                **({"num_pairs": 0} if it == 0 else self.state["info"].get(str(it), {}))}
         if it:
@@ -388,7 +435,8 @@ class _Run:
         rows = self.metrics() + [row]
         write_jsonl(self.run / "metrics.jsonl", rows)
         levels = "  ".join(f"L{k}:{v:.1%}" for k, v in row["heldout_by_level"].items())
-        self.console.print(f"iteration {it}: held-out accuracy {row['heldout_accuracy']:.1%}  ({levels})")
+        what = "pass@1" if self.cfg.env == "code" else "accuracy"
+        self.console.print(f"iteration {it}: held-out {what} {row['heldout_accuracy']:.1%}  ({levels})")
         self.complete(f"{it}/eval", [d / "heldout_correct.jsonl"])
 
     def metrics(self) -> list[dict]:
@@ -406,10 +454,6 @@ def _schedule(iterations: int) -> list[tuple[int, str]]:
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Run the whole loop for ``cfg`` (or continue the run ``cfg.resume``); returns the run directory."""
     console = console or Console()
-    if cfg.env == "code":
-        from engine.code_task import train_code
-
-        return train_code(cfg, console)
     locks: list[RunLock] = []
     if cfg.resume is not None:
         run = Path(cfg.resume)
@@ -420,21 +464,37 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     else:
         run = prepare(cfg)
         state = {"format": RUN_FORMAT, "done": [], "running": None, "elapsed_s": 0.0, "checksums": {}, "info": {}}
+    sandbox = None
     try:
+        if cfg.env == "code":
+            from envs.sandbox import Sandbox
+
+            sandbox = Sandbox()
+            console.print(f"sandbox: {sandbox.describe()['isolation']} ({sandbox.describe()['cgroup']})")
         with disk_full_guard(run):
-            return _train(cfg, run, state, locks, console)
+            return _train(cfg, run, state, locks, console, sandbox)
     finally:
+        if sandbox is not None:
+            sandbox.close()
         for lock in locks:
             lock.release()
 
 
-def _train(cfg: TrainConfig, run: Path, state: dict, locks: list, console: Console) -> Path:
+def _default_model(cfg: TrainConfig, console: Console, sandbox) -> str:
+    """The embedded default model for ``cfg.env`` (built on first use, then cached)."""
+    if cfg.env == "code":
+        from engine.code_task import CodeBootstrapConfig, bootstrap_code
+
+        return str(bootstrap_code(CodeBootstrapConfig(seed=cfg.seed), sandbox=sandbox, log=console.print))
     from engine.tiny_model import BootstrapConfig, bootstrap
 
+    return str(bootstrap(BootstrapConfig(seed=cfg.seed), log=console.print))
+
+
+def _train(cfg: TrainConfig, run: Path, state: dict, locks: list, console: Console, sandbox) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model_dir = state.get("model_dir") or cfg.model or str(bootstrap(BootstrapConfig(seed=cfg.seed),
-                                                                     log=console.print))
+    model_dir = state.get("model_dir") or cfg.model or _default_model(cfg, console, sandbox)
     policy = None
     if cfg.resume is None:
         policy = load_policy(model_dir, cfg.device)  # before anything is written: a bad model writes nothing
@@ -442,20 +502,21 @@ def _train(cfg: TrainConfig, run: Path, state: dict, locks: list, console: Conso
         locks.append(RunLock(run).acquire())
         state["model_dir"] = str(model_dir)
         try:
-            write_json(run / "config.json", {"format": RUN_FORMAT, "model_dir": str(model_dir), **run_fields(cfg)})
+            extra = {"sandbox": sandbox.describe()} if sandbox is not None else {}
+            write_json(run / "config.json", {"format": RUN_FORMAT, "model_dir": str(model_dir), **extra,
+                                             **run_fields(cfg)})
             write_json(run / "state.json", state)
         except OSError:
             shutil.rmtree(run, ignore_errors=True)  # ours, and holds nothing yet
             raise
         console.print(f"run directory: {run}")
-    r = _Run(cfg, run, model_dir, state, console, policy)
+    r = _Run(cfg, run, model_dir, state, console, policy, sandbox)
     if cfg.resume is not None:
         todo = [(i, s) for i, s in _schedule(cfg.iterations) if f"{i}/{s}" not in state["done"]]
         if todo:
             r.verify(*r.needs(*todo[0]))  # before anything is written
         saved = read_json(run / "config.json")
-        new = {"format": RUN_FORMAT, "model_dir": saved.get("model_dir", str(model_dir)), **run_fields(cfg),
-               "name": saved.get("name"), "runs_dir": saved.get("runs_dir")}
+        new = {**saved, **run_fields(cfg), "name": saved.get("name"), "runs_dir": saved.get("runs_dir")}
         if new != saved:
             write_json(run / "config.json", new)  # the safe changes accepted with --allow-config-change
         console.print(f"resuming {run}: {len(state['done'])} stages done"
@@ -481,9 +542,14 @@ def _trainer(name: str, pairs: list[dict], lists: list[dict]):
     return train_dpo, pairs
 
 
+def _level_key(level: str):
+    """Numeric levels in numeric order, then named ones (code task families) by name."""
+    return (0, int(level), "") if level.isdigit() else (1, 0, level)
+
+
 def _finish(run: Path, rows: list[dict], console: Console, wall: float, model_dir: str) -> None:
     table = Table(title=f"held-out accuracy (greedy) — {run}")
-    levels = sorted({k for r in rows for k in r["heldout_by_level"]}, key=int)
+    levels = sorted({k for r in rows for k in r["heldout_by_level"]}, key=_level_key)
     for col in ["iteration", "accuracy", *[f"L{lv}" for lv in levels], "pairs", "wall s"]:
         table.add_column(col, justify="right")
     for r in rows:
@@ -513,7 +579,7 @@ def _plot(run: Path, rows: list[dict]) -> None:
     its = [r["iteration"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(its, [r["heldout_accuracy"] for r in rows], "o-", label="all")
-    for lv in sorted({k for r in rows for k in r["heldout_by_level"]}, key=int):
+    for lv in sorted({k for r in rows for k in r["heldout_by_level"]}, key=_level_key):
         a.plot(its, [r["heldout_by_level"].get(lv) for r in rows], ".--", alpha=0.6, label=f"L{lv}")
     a.set_xticks(its)
     b.set_xticks(its)

@@ -34,12 +34,21 @@ def test_code_bootstrap_is_cached_and_loadable(code_model_dir, tmp_path):
                           log=lambda s: None) == code_model_dir
 
 
-def test_train_code_smoke(tmp_path, code_model_dir):
-    out = run_cli("train", "--env", "code", "--model", str(code_model_dir), "--runs-dir", str(tmp_path),
-                  "--name", "code", "--iterations", "1", "--tasks-per-iteration", "8", "--simulations", "4",
-                  "--heldout-size", "16", "--epochs", "1", "--threads", "2")
+SMOKE = ["--iterations", "1", "--tasks-per-iteration", "8", "--simulations", "4", "--heldout-size", "16",
+         "--epochs", "1", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def code_run(tmp_path_factory, code_model_dir):
+    runs = tmp_path_factory.mktemp("code-runs")
+    out = run_cli("train", "--env", "code", "--model", str(code_model_dir), "--runs-dir", str(runs),
+                  "--name", "code", *SMOKE)
     assert out.returncode == 0, out.stdout + out.stderr
-    run = tmp_path / "code"
+    return runs / "code", out
+
+
+def test_train_code_smoke(code_run):
+    run, out = code_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
     for r in rows:
@@ -58,3 +67,20 @@ def test_code_task_file_errors_exit_2(tmp_path):
     bad.write_text('{"text": "x", "code": "def f(): pass", "test_list": []}\n')
     out = run_cli("train", "--env", "code", "--task-file", str(bad), "--runs-dir", str(tmp_path / "runs"))
     assert out.returncode == 2 and "mbpp.jsonl:1" in out.stderr and not (tmp_path / "runs").exists()
+
+
+def test_code_run_killed_in_each_stage_resumes_to_the_same_records(tmp_path, code_run, code_model_dir):
+    from test_resume import records
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "engine.cli", "train"]
+    first = [*cmd, "--env", "code", "--model", str(code_model_dir), "--runs-dir", str(tmp_path), "--name", "k",
+             *SMOKE]
+    for args, kill in [(first, "1/search"), ([*cmd, "--resume", str(tmp_path / "k")], "1/extract"),
+                       ([*cmd, "--resume", str(tmp_path / "k")], "1/train")]:
+        out = subprocess.run(args, capture_output=True, text=True, env={**env, "ENGINE_KILL_AT": kill}, timeout=600)
+        assert out.returncode == -9, out.stdout + out.stderr
+        assert json.loads((tmp_path / "k" / "state.json").read_text())["running"] == kill
+    out = subprocess.run([*cmd, "--resume", str(tmp_path / "k")], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert records(tmp_path / "k") == records(code_run[0])
