@@ -31,3 +31,4 @@ bench: setup
 	$(PY) benchmarks/search_overhead.py
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/trainer_vs_trl.py
+	$(PY) benchmarks/sandbox_throughput.py

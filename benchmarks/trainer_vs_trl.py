@@ -97,12 +97,20 @@ def load_model(row: str, seed: int = 0):
     tok = AutoTokenizer.from_pretrained(path)
     if row == "tiny":
         return AutoModelForCausalLM.from_pretrained(path), tok
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=None)
-    return LlamaForCausalLM(cfg), tok
+    # Saved once and loaded from disk, as a user's model would be (TRL's default reference model is
+    # re-created from the policy's path).
+    target = path.parent / "bench" / f"compute-llama-25m-{seed}"
+    if not (target / "config.json").is_file():
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          bos_token_id=None)
+        tmp = target.with_name(target.name + ".tmp")
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.replace(target)
+    return AutoModelForCausalLM.from_pretrained(target), AutoTokenizer.from_pretrained(target)
 
 
 def row_records(row: str, pairs: list[dict]) -> list[dict]:
@@ -112,6 +120,11 @@ def row_records(row: str, pairs: list[dict]) -> list[dict]:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM; ``ru_maxrss`` would carry the parent's peak
+    across fork + exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -434,7 +434,7 @@ class _Run:
         row["wall_s"] = self.elapsed()
         rows = self.metrics() + [row]
         write_jsonl(self.run / "metrics.jsonl", rows)
-        levels = "  ".join(f"L{k}:{v:.1%}" for k, v in row["heldout_by_level"].items())
+        levels = "  ".join(f"{_level_name(k)}:{v:.1%}" for k, v in row["heldout_by_level"].items())
         what = "pass@1" if self.cfg.env == "code" else "accuracy"
         self.console.print(f"iteration {it}: held-out {what} {row['heldout_accuracy']:.1%}  ({levels})")
         self.complete(f"{it}/eval", [d / "heldout_correct.jsonl"])
@@ -547,10 +547,14 @@ def _level_key(level: str):
     return (0, int(level), "") if level.isdigit() else (1, 0, level)
 
 
+def _level_name(level: str) -> str:
+    return f"L{level}" if level.isdigit() else level
+
+
 def _finish(run: Path, rows: list[dict], console: Console, wall: float, model_dir: str) -> None:
     table = Table(title=f"held-out accuracy (greedy) — {run}")
     levels = sorted({k for r in rows for k in r["heldout_by_level"]}, key=_level_key)
-    for col in ["iteration", "accuracy", *[f"L{lv}" for lv in levels], "pairs", "wall s"]:
+    for col in ["iteration", "accuracy", *[_level_name(lv) for lv in levels], "pairs", "wall s"]:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["iteration"]), f"{r['heldout_accuracy']:.1%}",
@@ -580,7 +584,7 @@ def _plot(run: Path, rows: list[dict]) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(its, [r["heldout_accuracy"] for r in rows], "o-", label="all")
     for lv in sorted({k for r in rows for k in r["heldout_by_level"]}, key=_level_key):
-        a.plot(its, [r["heldout_by_level"].get(lv) for r in rows], ".--", alpha=0.6, label=f"L{lv}")
+        a.plot(its, [r["heldout_by_level"].get(lv) for r in rows], ".--", alpha=0.6, label=_level_name(lv))
     a.set_xticks(its)
     b.set_xticks(its)
     a.set_xlabel("iteration")

@@ -90,29 +90,11 @@ def tokenize_groups(
 def tokenize_pairs(
     records: Sequence[dict], encode: Encode, max_length: int
 ) -> tuple[list[TokenizedPair], CollateStats]:
-    """Tokenise pair records (``prompt``, ``prefix``, ``chosen``, ``rejected``)."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    contexts = encode([r["prompt"] + r.get("prefix", "") for r in records])
-    chosen = encode([r["chosen"] for r in records])
-    rejected = encode([r["rejected"] for r in records])
-    out, truncated, skipped, ctx_tok, cont_tok = [], 0, 0, 0, 0
-    for ctx, cw, cl in zip(contexts, chosen, rejected):
-        longest = max(len(cw), len(cl))
-        if longest == 0 or longest >= max_length:
-            skipped += 1
-            continue
-        room = max_length - longest
-        if len(ctx) > room:
-            ctx = ctx[len(ctx) - room :]
-            truncated += 1
-        if not ctx:
-            skipped += 1
-            continue
-        out.append(TokenizedPair(list(ctx), list(cw), list(cl)))
-        ctx_tok += len(ctx)
-        cont_tok += len(cw) + len(cl)
-    return out, CollateStats(len(out), truncated, skipped, ctx_tok, cont_tok)
+    """Tokenise pair records (``prompt``, ``prefix``, ``chosen``, ``rejected``) with the rules of
+    :func:`tokenize_groups` (exact boundaries, the context cut from the left, never a continuation)."""
+    groups, _, stats = tokenize_groups([r["prompt"] + r.get("prefix", "") for r in records],
+                                       [(r["chosen"], r["rejected"]) for r in records], encode, max_length)
+    return [TokenizedPair(g.context, g.continuations[0], g.continuations[1]) for g in groups], stats
 
 
 def pad_sequences(
