@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.tiny_model import build_model, build_tokenizer, default_cache_dir
+from engine.tiny_model import TinyModelConfig, build_model, build_tokenizer, default_cache_dir
 from envs import (
     code_tasks,
     ground_truth_pairs,
@@ -52,25 +52,9 @@ END = "# end\n"
 
 
 @dataclass(frozen=True)
-class CodeBootstrapConfig:
+class CodeBootstrapConfig(TinyModelConfig):
     """How the embedded default code model is built and trained."""
 
-    seed: int = 0
-    """Seed for initialisation, data and training order."""
-    hidden_size: int = 128
-    """Width of the residual stream."""
-    num_layers: int = 3
-    """Transformer blocks."""
-    num_heads: int = 4
-    """Attention heads per block."""
-    intermediate_size: int = 320
-    """Width of the MLP."""
-    batch_size: int = 32
-    """Tasks per SFT step."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate (warmup, then cosine)."""
-    warmup_steps: int = 100
-    """Linear warmup steps."""
     max_steps: int = 2000
     """Upper bound on SFT steps (and the cosine schedule's length)."""
     eval_every: int = 200

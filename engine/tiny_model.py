@@ -26,7 +26,8 @@ import torch
 
 from envs import ARITHMETIC_LEVELS, arithmetic_tasks, heldout_arithmetic_tasks
 
-__all__ = ["BootstrapConfig", "CHARS", "bootstrap", "build_model", "build_tokenizer", "default_cache_dir"]
+__all__ = ["BootstrapConfig", "CHARS", "TinyModelConfig", "bootstrap", "build_model", "build_tokenizer",
+           "default_cache_dir"]
 
 CHARS = "0123456789+-*=()# \n"
 """Every character of the arithmetic tasks; the vocabulary is these plus pad, eos and unk."""
@@ -36,8 +37,8 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class BootstrapConfig:
-    """How the embedded default model is built and trained."""
+class TinyModelConfig:
+    """The shape and SFT optimiser settings shared by the embedded default models (math and code)."""
 
     seed: int = 0
     """Seed for initialisation, data and training order."""
@@ -50,11 +51,17 @@ class BootstrapConfig:
     intermediate_size: int = 320
     """Width of the MLP."""
     batch_size: int = 32
-    """Problems per SFT step (all of one difficulty level)."""
+    """Training examples per SFT step (math: all of one difficulty level)."""
     lr: float = 2e-3
     """Peak AdamW learning rate."""
     warmup_steps: int = 100
     """Linear warmup steps before cosine decay."""
+
+
+@dataclass(frozen=True)
+class BootstrapConfig(TinyModelConfig):
+    """How the embedded default model is built and trained."""
+
     max_steps: int = 2400
     """Upper bound on SFT steps (also the length of the cosine schedule)."""
     eval_every: int = 100
