@@ -6,7 +6,8 @@ steps, each arm in its own process (so peak RSS is its own), one after the other
 
 * row ``tiny``: the 0.57M-parameter default model and 512 pairs; TRL with its default settings
   (reference model run every step, gradient checkpointing on) and with a precomputed reference and
-  no checkpointing; ours with prefix sharing and without (unshared padded rows);
+  no checkpointing; ours with prefix sharing and without (unshared padded rows), in float32, and
+  ours with prefix sharing under bf16 autocast (``ours-bf16``: the precision TRL's defaults use);
 * row ``compute``: a ~25M-parameter Llama config with random weights, where the model's arithmetic
   dominates; each prompt is preceded by worked examples so the shared prefix is a few hundred
   tokens. Fewer pairs (``--compute-pairs``) keep the row short.
@@ -163,7 +164,8 @@ def arm(name: str, row: str, n_pairs: int, batch_size: int, token_budget: int) -
         info = {}
     else:
         cfg = DPOConfig(beta=0.1, lr=1e-6, epochs=1, batch_size=batch_size,
-                        prefix_sharing="on" if name == "ours" else "off", token_budget=token_budget)
+                        prefix_sharing="off" if name == "ours-unshared" else "on", token_budget=token_budget,
+                        bf16=name == "ours-bf16")
         t = time.perf_counter()
         info = train_dpo(model, tok, records, cfg)
         wall = time.perf_counter() - t
@@ -275,7 +277,7 @@ def main() -> None:
         console.print(f"  first-batch DPO loss: TRL {check['trl_loss']:.6f}, ours {check['our_loss']:.6f} "
                       f"(|diff| {check['abs_diff']:.1e}, {'OK' if check['abs_diff'] <= 1e-4 else 'MISMATCH'})")
         results = {}
-        for name in ("trl-defaults", "trl-tuned", "ours-unshared", "ours"):
+        for name in ("trl-defaults", "trl-tuned", "ours-unshared", "ours", "ours-bf16"):
             with console.status(f"{row}: {name}"):
                 results[name] = r = _run_child("arm", name, row, n, args.batch_size, args.threads, args.token_budget)
             console.print(f"  {name:14s} {r['pairs_per_s']:8.1f} pairs/s  {r['wall_s']:6.1f} s  "
@@ -299,7 +301,10 @@ def main() -> None:
             "speedup_vs_trl_tuned": round(results["ours"]["pairs_per_s"] / results["trl-tuned"]["pairs_per_s"], 2),
             "speedup_from_prefix_sharing": round(results["ours"]["pairs_per_s"]
                                                  / results["ours-unshared"]["pairs_per_s"], 2),
+            "ours_bf16_pairs_per_s": round(results["ours-bf16"]["pairs_per_s"], 1),
+            "speedup_bf16_vs_trl_defaults": round(results["ours-bf16"]["pairs_per_s"] / trl_d, 2),
             "peak_rss_mb_ours": round(results["ours"]["peak_rss_mb"]),
+            "peak_rss_mb_ours_bf16": round(results["ours-bf16"]["peak_rss_mb"]),
             "peak_rss_mb_trl_defaults": round(results["trl-defaults"]["peak_rss_mb"]),
             "loss_abs_diff_vs_trl": check["abs_diff"],
             "shared_prefix_share": round(stats["shared_share_of_unshared_tokens"], 3),

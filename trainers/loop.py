@@ -64,6 +64,9 @@ class DPOConfig:
     """Micro-batches per optimiser step (``batch_size`` is split among them)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    bf16: bool = False
+    """Run forward passes under bfloat16 autocast (weights, gradients and optimiser stay float32), as
+    TRL's default ``bf16=True`` does; faster on CPUs and GPUs with bf16 units."""
     lora: bool = False
     """Train a LoRA adapter (peft) and merge it into the weights at the end, instead of all weights."""
     lora_r: int = 8
@@ -138,9 +141,13 @@ def _check(config: DPOConfig) -> None:
         raise ValueError(f"grad_accum_steps ({config.grad_accum_steps}) cannot exceed batch_size ({config.batch_size})")
 
 
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.inference_mode()
 def reference_token_logps(model, groups: Sequence[Group], *, pad_id: int, shared: bool, token_budget: int,
-                          chunk: int = 64) -> list[torch.Tensor]:
+                          chunk: int = 64, bf16: bool = False) -> list[torch.Tensor]:
     """Per-token log-probabilities of every continuation of every group under ``model`` as it is
     now (CPU tensors, one per group, continuations concatenated in order)."""
     device = next(model.parameters()).device
@@ -151,7 +158,8 @@ def reference_token_logps(model, groups: Sequence[Group], *, pad_id: int, shared
     for s in range(0, len(groups), chunk):
         part = groups[s : s + chunk]
         batch = pack_groups(part, pad_id=pad_id, shared=shared, token_budget=token_budget).to(device)
-        logp = scorer(batch)[0].float().cpu()
+        with _autocast(device, bf16):
+            logp = scorer(batch)[0].float().cpu()
         sizes = [sum(map(len, g.continuations)) for g in part]
         out.extend(torch.split(logp, sizes))
     model.train(was_training)
@@ -203,7 +211,8 @@ def fit(
         shared = config.prefix_sharing == "on"
     info["prefix_sharing"] = shared
     ref = {int(i): t for i, t in zip(local, reference_token_logps(
-        model, [groups[i] for i in local], pad_id=pad_id, shared=shared, token_budget=config.token_budget))}
+        model, [groups[i] for i in local], pad_id=pad_id, shared=shared, token_budget=config.token_budget,
+        bf16=config.bf16))}
 
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     net = _wrap_lora(model, config) if config.lora else model
@@ -250,7 +259,7 @@ def fit(
                                         token_budget=config.token_budget).to(device)
                     tokens_processed += batch.tokens
                     sync = acc.no_sync(scorer) if j < len(micro) - 1 else nullcontext()
-                    with sync:
+                    with sync, _autocast(device, config.bf16):
                         logp, hidden = scorer(batch, hidden=want_hidden)
                         n_pref = sum(sum(map(len, g.continuations)) for g in part)
                         ref_tok = torch.cat([ref[int(i)] for i in idx[m]]).to(device)

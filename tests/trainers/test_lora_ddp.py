@@ -29,6 +29,20 @@ def test_lora_lowers_loss_and_merges_back(tiny_random):
         train_dpo(model, tok, RECS, DPOConfig(lora=True, lora_targets=("c_attn",)))
 
 
+def test_bf16_autocast_lowers_loss_and_stays_close_to_float32(tiny_random):
+    model, tok = tiny_random
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = dict(lr=3e-3, epochs=4, batch_size=8, beta=1.0, warmup_steps=1)
+    fp32 = train_dpo(model, tok, RECS, DPOConfig(**cfg))
+    model.load_state_dict(state)
+    bf16 = train_dpo(model, tok, RECS, DPOConfig(**cfg, bf16=True))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast only: weights stay float32
+    assert bf16["steps"][-1]["loss"] < bf16["steps"][0]["loss"] - 0.05
+    first32, first16 = fp32["steps"][0], bf16["steps"][0]
+    assert abs(first16["logps/chosen"] - first32["logps/chosen"]) < 0.05 * abs(first32["logps/chosen"])
+    assert first16["logps/chosen"] != first32["logps/chosen"]  # it really ran in bfloat16
+
+
 def test_full_finetuning_with_accumulation_and_checkpointing_lowers_loss(tiny_random):
     model, tok = tiny_random
     summary = train_dpo(model, tok, RECS, DPOConfig(lr=3e-3, epochs=4, batch_size=8, beta=1.0, grad_accum_steps=2,
