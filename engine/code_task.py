@@ -17,9 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
-import shutil
 import string
 import time
 from collections.abc import Callable
@@ -29,7 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.tiny_model import TinyModelConfig, build_model, build_tokenizer, default_cache_dir
+from engine.tiny_model import (
+    TinyModelConfig,
+    build_cached,
+    build_model,
+    build_tokenizer,
+    default_cache_dir,
+    sft_batch,
+    warmup_cosine_lr,
+)
 from envs import (
     code_tasks,
     ground_truth_pairs,
@@ -106,12 +111,6 @@ def _train_code_model(config: CodeBootstrapConfig, out_dir: Path, sandbox: Sandb
     policy = TransformersPolicy(model, tok, batch_size=256)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        frac = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
     acc, history, step = 0.0, [], 0
     with Progress(TextColumn("[bold]code bootstrap SFT"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn()) as bar:
@@ -119,18 +118,10 @@ def _train_code_model(config: CodeBootstrapConfig, out_dir: Path, sandbox: Sandb
         for step in range(1, config.max_steps + 1):
             model.train()
             batch = [next(stream) for _ in range(config.batch_size)]
-            seqs = [([ids[c] for c in t["prompt"]],
-                     [ids[c] for c in _sft_text(t, config.own_tests)] + [tok.eos_token_id]) for t in batch]
-            width = max(len(p) + len(s) for p, s in seqs)
-            x = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-            y = torch.full((len(seqs), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, (p, s) in enumerate(seqs):
-                x[r, : len(p) + len(s)] = torch.tensor(p + s)
-                y[r, len(p): len(p) + len(s)] = torch.tensor(s)
-                mask[r, : len(p) + len(s)] = 1
+            x, mask, y = sft_batch([(t["prompt"], _sft_text(t, config.own_tests)) for t in batch], ids,
+                                   tok.eos_token_id, tok.pad_token_id)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step - 1)
+                g["lr"] = warmup_cosine_lr(config, step - 1)
             loss = model(input_ids=x, attention_mask=mask, labels=y).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,24 +150,9 @@ def bootstrap_code(config: CodeBootstrapConfig = CodeBootstrapConfig(), cache_di
                    sandbox: Sandbox | None = None, log: Callable[[str], None] = print) -> Path:
     """The directory of the trained default code model for ``config``, training it if not cached."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_dir / f"tiny-code-{_cache_key(config)}"
-    if (target / "bootstrap.json").is_file():
-        log(f"default code model: cached at {target}")
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    log(f"default code model: not cached; training it into {target}")
-    try:
-        _train_code_model(config, tmp, sandbox or Sandbox(), log)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_cached(cache_dir / f"tiny-code-{_cache_key(config)}",
+                        lambda out: _train_code_model(config, out, sandbox or Sandbox(), log),
+                        what="default code model", log=log)
 
 
 def code_task_sources(cfg):

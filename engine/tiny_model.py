@@ -26,8 +26,8 @@ import torch
 
 from envs import ARITHMETIC_LEVELS, arithmetic_tasks, heldout_arithmetic_tasks
 
-__all__ = ["BootstrapConfig", "CHARS", "TinyModelConfig", "bootstrap", "build_model", "build_tokenizer",
-           "default_cache_dir"]
+__all__ = ["BootstrapConfig", "CHARS", "TinyModelConfig", "bootstrap", "build_cached", "build_model", "build_tokenizer",
+           "default_cache_dir", "sft_batch", "warmup_cosine_lr"]
 
 CHARS = "0123456789+-*=()# \n"
 """Every character of the arithmetic tasks; the vocabulary is these plus pad, eos and unk."""
@@ -121,11 +121,21 @@ def build_model(config: BootstrapConfig, vocab_size: int, pad_id: int, eos_id: i
     return LlamaForCausalLM(cfg)
 
 
-def _batch(tasks: list[dict], char_ids: dict[str, int], eos_id: int, pad_id: int):
+def warmup_cosine_lr(config, step: int) -> float:
+    """Linear warmup over ``config.warmup_steps``, then cosine decay to 0 at ``config.max_steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    frac = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def sft_batch(examples: list[tuple[str, str]], char_ids: dict[str, int], eos_id: int, pad_id: int):
+    """``(input_ids, attention_mask, labels)`` for ``(prompt, target)`` texts: right-padded, the
+    target followed by EOS, labels -100 on the prompt and the padding."""
     seqs, labels = [], []
-    for t in tasks:
-        p = [char_ids[c] for c in t["prompt"]]
-        s = [char_ids[c] for c in t["solution"]] + [eos_id]
+    for prompt, target in examples:
+        p = [char_ids[c] for c in prompt]
+        s = [char_ids[c] for c in target] + [eos_id]
         seqs.append(p + s)
         labels.append([-100] * len(p) + s)
     width = max(len(s) for s in seqs)
@@ -166,12 +176,6 @@ def train_tiny_model(
 
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        frac = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
     acc, step, tokens, history = 0.0, 0, 0, []
     with Progress(TextColumn("[bold]bootstrap SFT"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), transient=False) as bar:
@@ -180,9 +184,10 @@ def train_tiny_model(
             model.train()
             level = config.levels[(step - 1) % len(config.levels)]
             batch = [next(streams[level]) for _ in range(config.batch_size)]
-            ids, mask, lab = _batch(batch, char_ids, tok.eos_token_id, tok.pad_token_id)
+            ids, mask, lab = sft_batch([(t["prompt"], t["solution"]) for t in batch], char_ids, tok.eos_token_id,
+                                       tok.pad_token_id)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step - 1)
+                g["lr"] = warmup_cosine_lr(config, step - 1)
             loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,6 +224,30 @@ def train_tiny_model(
     return summary
 
 
+def build_cached(target: Path, train: Callable[[Path], object], *, what: str,
+                 log: Callable[[str], None] = print) -> Path:
+    """``target`` when it holds a finished model (``bootstrap.json``); otherwise ``train(tmp)`` into a
+    temporary sibling directory, renamed into place (another process finishing first wins)."""
+    if (target / "bootstrap.json").is_file():
+        log(f"{what}: cached at {target}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    log(f"{what}: not cached; training it into {target}")
+    try:
+        train(tmp)
+        if target.exists():  # another process finished first; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"{what}: saved at {target}")
+    return target
+
+
 def bootstrap(
     config: BootstrapConfig = BootstrapConfig(),
     cache_dir: Path | None = None,
@@ -226,22 +255,5 @@ def bootstrap(
 ) -> Path:
     """The directory of the trained default model for ``config``, training it if not cached."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_dir / f"tiny-{cache_key(config)}"
-    if (target / "bootstrap.json").is_file():
-        log(f"default model: cached at {target}")
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    log(f"default model: not cached; training it into {target}")
-    try:
-        train_tiny_model(config, tmp, log)
-        if target.exists():  # another process finished first; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"default model: saved at {target}")
-    return target
+    return build_cached(cache_dir / f"tiny-{cache_key(config)}", lambda out: train_tiny_model(config, out, log),
+                        what="default model", log=log)

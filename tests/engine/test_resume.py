@@ -57,7 +57,7 @@ def model_dir(tmp_path_factory, trained_model_dir):
     import torch
 
     from engine.loop import load_policy
-    from engine.tiny_model import CHARS, _batch
+    from engine.tiny_model import CHARS, sft_batch
     from envs import arithmetic_tasks, heldout_arithmetic_tasks
 
     policy = load_policy(trained_model_dir, "cpu")
@@ -65,8 +65,8 @@ def model_dir(tmp_path_factory, trained_model_dir):
     held = heldout_arithmetic_tasks(24)
     stream = arithmetic_tasks(8, exclude=frozenset(t["prompt"] for t in held))  # --seed 7's training stream
     tasks = held + [next(stream) for _ in range(16)]
-    ids, mask, lab = _batch(tasks, {c: tok.convert_tokens_to_ids(c) for c in CHARS}, tok.eos_token_id,
-                            tok.pad_token_id)
+    ids, mask, lab = sft_batch([(t["prompt"], t["solution"]) for t in tasks],
+                               {c: tok.convert_tokens_to_ids(c) for c in CHARS}, tok.eos_token_id, tok.pad_token_id)
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
