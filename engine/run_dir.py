@@ -39,7 +39,7 @@ from pathlib import Path
 
 from engine.errors import UsageError
 
-__all__ = ["RunLock", "atomic_write_text", "disk_full_guard", "write_json", "write_jsonl", "append_jsonl",
+__all__ = ["RunLock", "atomic_write_text", "disk_full_guard", "write_json", "write_jsonl",
            "read_json", "read_jsonl", "file_sha256", "save_model_atomic", "tree_checksums"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -137,13 +137,6 @@ def read_jsonl(path: str | os.PathLike) -> list:
             raise UsageError(f"{path} line {i} is corrupt ({exc.msg}); restore it from a backup "
                              "or start a new run") from None
     return out
-
-
-def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    """Append one line by rewriting the file atomically (metrics files are small)."""
-    path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    atomic_write_text(path, old + json.dumps(row) + "\n")
 
 
 def save_model_atomic(model, tokenizer, target: str | os.PathLike) -> None:
