@@ -11,11 +11,11 @@ numpy Generator, so every implementation consumes the same stream.
 
 Implementations:
     ours           ``search.kernels.synthetic_search`` on the arrays of ``search.tree.Tree``
-                   (compiled on a tiny input first; median of ``--repeats`` runs). The headline
+                   (compiled on a tiny input first; best of ``--repeats`` runs). The headline
                    row reuses one Tree from run to run, emptied by ``Tree.reset`` inside the
                    timed region, as a search loop reuses its Tree from one search to the next.
                    The "ours, fresh" row allocates a new Tree in the timed region instead; on
-                   that fresh memory about a quarter of workload A's time goes to first-touch
+                   that fresh memory about a fifth of workload A's time goes to first-touch
                    page faults (about 30 MB of arrays), which are allocation cost, not tree work.
                    The references are not penalised by this choice: their node objects come from
                    CPython's allocator, which reuses freed memory on its own, and their time is
@@ -23,6 +23,9 @@ Implementations:
                    objects is under 2% of it).
     pure Python    a minimal ``__slots__`` node-object PUCT (below), gc on as in a real process.
                    It must reproduce our root child visit counts exactly; this is asserted.
+                   Best of ``--ref-repeats`` runs: every implementation is timed by its best run
+                   (as ``timeit`` advises), which on a shared machine is the most repeatable
+                   figure for all of them.
     llm-reasoners  ``reasoners.algorithm.MCTS`` driven by a synthetic WorldModel / SearchConfig.
                    It is UCT with Q = np.mean(history), so its trees differ from ours. Its
                    ``_simulate`` (a rollout that expands every node down to the depth limit) is
@@ -44,7 +47,6 @@ import argparse
 import gc
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,7 +74,7 @@ def make_inputs(rng: np.random.Generator, trees: int, sims: int) -> tuple[np.nda
 
 # --- ours ------------------------------------------------------------------------------------
 
-ARRAYS = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior", "terminal")
+ARRAYS = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior", "reward", "terminal")
 
 
 def run_ours(priors: np.ndarray, values: np.ndarray, tree: Tree | None = None) -> tuple[float, int, Tree]:
@@ -87,7 +89,7 @@ def run_ours(priors: np.ndarray, values: np.ndarray, tree: Tree | None = None) -
 
 
 def time_ours(priors, values, repeats):
-    """Median seconds over ``repeats`` runs on fresh Trees and on one reused Tree, node updates,
+    """Best (minimum) seconds over ``repeats`` runs on fresh Trees and on one reused Tree, node updates,
     and the reused Tree after its last run (for the equality check)."""
     fresh = []
     for _ in range(repeats):
@@ -95,7 +97,7 @@ def time_ours(priors, values, repeats):
         fresh.append(seconds)
     tree = Tree(priors.shape[0], capacity=1 + priors.shape[1] * K)
     reused = [run_ours(priors, values, tree)[0] for _ in range(repeats)]
-    return statistics.median(fresh), statistics.median(reused), updates, tree
+    return min(fresh), min(reused), updates, tree
 
 
 def root_visits_ours(t: Tree, b: int) -> list[int]:
@@ -148,12 +150,17 @@ def python_search(priors: list, values: list, c_puct: float, max_depth: int) -> 
     return root, updates
 
 
-def time_python(priors: np.ndarray, values: np.ndarray):
+def time_python(priors: np.ndarray, values: np.ndarray, repeats: int):
+    """Best seconds over ``repeats`` runs, node updates and the root child visits per tree."""
     # Lists of Python floats are the natural input of pure-Python code; converting is not timed.
     pl, vl = priors.tolist(), values.tolist()
-    start = time.perf_counter()
-    results = [python_search(pl[b], vl[b], C_PUCT, MAX_DEPTH) for b in range(len(pl))]
-    seconds = time.perf_counter() - start
+    seconds = math.inf
+    for _ in range(repeats):
+        results = None
+        gc.collect()  # the previous run's objects are freed outside the timed region
+        start = time.perf_counter()
+        results = [python_search(pl[b], vl[b], C_PUCT, MAX_DEPTH) for b in range(len(pl))]
+        seconds = min(seconds, time.perf_counter() - start)
     roots = [[ch.visits for ch in r.children] for r, _ in results]
     return seconds, sum(u for _, u in results), roots
 
@@ -222,11 +229,15 @@ def count_updates(root) -> int:
     return total
 
 
-def time_reasoners(run, priors: np.ndarray, values: np.ndarray):
+def time_reasoners(run, priors: np.ndarray, values: np.ndarray, repeats: int):
     pl, vl = priors.tolist(), values.tolist()
-    start = time.perf_counter()
-    roots = [run(pl[b], vl[b]) for b in range(len(pl))]
-    seconds = time.perf_counter() - start
+    seconds = math.inf
+    for _ in range(repeats):
+        roots = None
+        gc.collect()
+        start = time.perf_counter()
+        roots = [run(pl[b], vl[b]) for b in range(len(pl))]
+        seconds = min(seconds, time.perf_counter() - start)
     return seconds, sum(count_updates(r) for r in roots)
 
 
@@ -240,13 +251,17 @@ def main(argv=None) -> None:
     ap.add_argument("--lr-trees", type=int, default=20, help="llm-reasoners: trees of workload A")
     ap.add_argument("--lr-big-sims", type=int, default=20_000, help="llm-reasoners: simulations of B")
     ap.add_argument("--check-trees", type=int, default=50, help="A trees compared with pure Python")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs of ours (median reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of ours (the best is reported)")
+    ap.add_argument("--ref-repeats", type=int, default=3,
+                    help="timed runs of the pure-Python reference and of llm-reasoners on A (the best is "
+                         "reported; llm-reasoners on B runs once)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reasoners", action="store_true", help="skip llm-reasoners")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
         args.trees, args.big_sims, args.lr_trees, args.lr_big_sims, args.repeats = 100, 20_000, 5, 2_000, 3
+        args.ref_repeats = 1
     args.lr_trees = min(args.lr_trees, args.trees)
     args.lr_big_sims = min(args.lr_big_sims, args.big_sims)
     args.check_trees = min(args.check_trees, args.trees)
@@ -267,7 +282,7 @@ def main(argv=None) -> None:
     for name, (priors, values) in inputs.items():
         sims = priors.shape[0] * priors.shape[1]
         f_s, o_s, o_upd, tree = time_ours(priors, values, args.repeats)
-        p_s, p_upd, py_roots = time_python(priors, values)
+        p_s, p_upd, py_roots = time_python(priors, values, args.ref_repeats)
 
         # The reference must be the same search, not merely a similar one.
         check = range(args.check_trees) if name == "A" else range(1)
@@ -291,7 +306,8 @@ def main(argv=None) -> None:
         if reasoners_run is not None:
             lr_trees = args.lr_trees if name == "A" else 1
             lr_sims = args.sims if name == "A" else args.lr_big_sims
-            r_s, r_upd = time_reasoners(reasoners_run, priors[:lr_trees, :lr_sims], values[:lr_trees, :lr_sims])
+            r_s, r_upd = time_reasoners(reasoners_run, priors[:lr_trees, :lr_sims], values[:lr_trees, :lr_sims],
+                                        args.ref_repeats if name == "A" else 1)
             r_rate = lr_trees * lr_sims / r_s
             rows.append((name, "llm-reasoners", lr_trees * lr_sims, r_s, r_rate, r_upd / r_s, o_rate / r_rate))
             w.update(reasoners_sims=lr_trees * lr_sims, reasoners_sims_per_s=r_rate,

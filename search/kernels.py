@@ -46,50 +46,107 @@ def _q_range(b, visits, value_sum, node_count):
     return lo, hi
 
 
-@njit(cache=True, inline="always")
-def _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path):
-    """Walk from the root to a leaf, always taking the best-scoring child; the nodes passed
-    (root first) go to ``path`` while it has room. Returns the number of steps taken, so the leaf
-    is ``path[steps]`` when ``steps < len(path)``. Takes one tree's rows (1-D views).
+# Trees with up to this many node slots (about 28 bytes of statistics each) stay in a core's L2
+# cache, and selection takes the scan form; larger ones take the form that hides memory latency.
+CACHED_NODES = 1 << 15
 
-    Indices are unsigned (``uintp``), which spares numba's negative-index wraparound in the
-    innermost loop. On the PUCT fast path, scanning the children also loads each child's own
-    ``first_child``, ``num_children``, ``terminal`` and ``visits``, and the best child's are carried
-    to the next level: in a tree larger than the cache those loads then overlap with the scan instead
-    of adding a second dependent memory access per level."""
+
+@njit(cache=True, inline="always")
+def _descend_puct(fc, nc, vis, ws, pr, c, path, scores):
+    """The PUCT walk on raw Q from the root to a leaf (a node without children), always taking the
+    best-scoring child; the nodes passed (root first) go to ``path`` while it has room. Returns the
+    number of steps taken, so the leaf is ``path[steps]`` when ``steps < len(path)``. Takes one
+    tree's rows (1-D views) and ``scores``, with room for the most children of any node.
+
+    Terminal nodes never have children (:meth:`Tree.add_children` refuses them), so the walk reads
+    no ``terminal`` flags; and W is 0 while N is 0, so ``W / max(N, 1)`` is the Q of unvisited
+    children too, without a branch. Indices are unsigned (``uintp``), which spares numba's
+    negative-index wraparound in the innermost loops.
+
+    Both forms compute the same scores and make the same choices; which is faster depends on
+    whether the rows fit in cache. A loop that calls one of them many times should call that form
+    directly (see :func:`synthetic_search`): with both inlined in one loop, the compiled loop is
+    slower than either."""
+    if fc.shape[0] <= CACHED_NODES:
+        return _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores)
+    return _descend_puct_carry(fc, nc, vis, ws, pr, c, path)
+
+
+@njit(cache=True, inline="always")
+def _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores):
+    """:func:`_descend_puct` for trees in cache: each level first scores all children (a loop
+    without dependences between iterations, which the compiler vectorises) and then takes the
+    argmax (first on ties)."""
     cap = path.shape[0]
     path[0] = 0
     steps = 0
+    node = uintp(0)
+    while nc[node] > 0:
+        first = uintp(fc[node])
+        k = nc[node]
+        explore = c * math.sqrt(max(vis[node], 1))
+        for i in range(k):
+            n = float(vis[first + i])
+            scores[i] = ws[first + i] / max(n, 1.0) + explore * pr[first + i] / (1.0 + n)
+        best = 0
+        best_score = scores[0]
+        for i in range(1, k):
+            if scores[i] > best_score:
+                best_score = scores[i]
+                best = i
+        node = first + uintp(best)
+        steps += 1
+        if steps < cap:
+            path[steps] = node
+    return steps
+
+
+@njit(cache=True, inline="always")
+def _descend_puct_carry(fc, nc, vis, ws, pr, c, path):
+    """:func:`_descend_puct` for trees larger than the cache. Scanning the children also loads
+    each child's own ``first_child``, ``num_children`` and ``visits``, and the best child's are
+    carried to the next level: those loads, cache misses in a large tree, then overlap with the
+    scan instead of adding a second dependent memory access per level."""
+    cap = path.shape[0]
+    path[0] = 0
+    steps = 0
+    first = uintp(fc[0])
+    k = nc[0]
+    parent_n = vis[0]
+    while k > 0:
+        explore = c * math.sqrt(max(parent_n, 1))  # once per node, not once per child
+        best = first
+        best_score = -np.inf
+        best_fc, best_k, best_n = uintp(0), 0, 0
+        ch = first
+        last = first + uintp(k)
+        while ch < last:
+            n = vis[ch]
+            ch_fc, ch_k = fc[ch], nc[ch]
+            score = ws[ch] / max(n, 1) + explore * pr[ch] / (1.0 + n)
+            if score > best_score:
+                best_score = score
+                best, best_fc, best_k, best_n = ch, uintp(ch_fc), ch_k, n
+            ch += uintp(1)
+        first, k, parent_n = best_fc, best_k, best_n
+        steps += 1
+        if steps < cap:
+            path[steps] = best
+    return steps
+
+
+@njit(cache=True, inline="always")
+def _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores):
+    """:func:`_descend_puct` for any rule, with Q min-max rescaled to [0, 1] when ``hi > lo``."""
     if rule == PUCT and not hi > lo:  # the common case: PUCT on raw Q, no per-child rescaling
-        first = uintp(fc[0])
-        k = nc[0]
-        done = term[0]
-        parent_n = vis[0]
-        while k > 0 and not done:
-            explore = c * math.sqrt(max(parent_n, 1))  # once per node, not once per child
-            best = first
-            best_score = -np.inf
-            best_fc, best_k, best_done, best_n = uintp(0), 0, False, 0
-            ch = first
-            last = first + uintp(k)
-            while ch < last:
-                n = vis[ch]
-                ch_fc, ch_k, ch_done = fc[ch], nc[ch], term[ch]
-                q = ws[ch] / max(n, 1)
-                score = (q if n > 0 else 0.0) + explore * pr[ch] / (1.0 + n)
-                if score > best_score:
-                    best_score = score
-                    best, best_fc, best_k, best_done, best_n = ch, uintp(ch_fc), ch_k, ch_done, n
-                ch += uintp(1)
-            first, k, done, parent_n = best_fc, best_k, best_done, best_n
-            steps += 1
-            if steps < cap:
-                path[steps] = best
-        return steps
+        return _descend_puct(fc, nc, vis, ws, pr, c, path, scores)
+    cap = path.shape[0]
+    path[0] = 0
+    steps = 0
     scale = 1.0 / (hi - lo) if hi > lo else 1.0
     shift = lo if hi > lo else 0.0
     node = uintp(0)
-    while nc[node] > 0 and not term[node]:
+    while nc[node] > 0:
         first = uintp(fc[node])
         parent_n = max(vis[node], 1)
         explore = c * math.sqrt(parent_n) if rule == PUCT else c * math.sqrt(math.log(parent_n))
@@ -116,29 +173,30 @@ def _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path):
 
 
 @njit(cache=True, inline="always")
-def _descend_into(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path):
+def _descend_into(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores):
     """:func:`_descend`, retried with a larger ``path`` when the first did not have room for every
     level. Returns ``(steps, path)``; the leaf is ``path[steps]``."""
-    steps = _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path)
+    steps = _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores)
     if steps >= path.shape[0]:
         path = np.empty(2 * steps + 2, np.int64)
-        steps = _descend(fc, nc, vis, ws, pr, term, c, rule, lo, hi, path)
+        steps = _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores)
     return steps, path
 
 
 @njit(cache=True)
-def puct_select(first_child, num_children, visits, value_sum, prior, terminal, c_puct, out_leaf):
+def puct_select(first_child, num_children, visits, value_sum, prior, c_puct, out_leaf):
     """One PUCT leaf per tree, raw Q (ties go to the lowest index). Arrays ``[B, N]``; ``out_leaf``
     ``[B]`` int32."""
     path = np.empty(64, np.int64)
+    scores = np.empty(max(num_children.max(), 1))
     for b in range(first_child.shape[0]):
         steps, path = _descend_into(first_child[b], num_children[b], visits[b], value_sum[b], prior[b],
-                                    terminal[b], c_puct, PUCT, 0.0, 0.0, path)
+                                    c_puct, PUCT, 0.0, 0.0, path, scores)
         out_leaf[b] = path[steps]
 
 
 @njit(cache=True)
-def select_leaves(parent, first_child, num_children, visits, value_sum, prior, terminal, node_count,
+def select_leaves(parent, first_child, num_children, visits, value_sum, prior, node_count,
                   c, rule, normalize_q, virtual_loss, out_leaf):
     """Up to ``L = out_leaf.shape[1]`` distinct leaves per tree in one call.
 
@@ -150,13 +208,14 @@ def select_leaves(parent, first_child, num_children, visits, value_sum, prior, t
     bsz, num = out_leaf.shape
     reached = np.empty(num, np.int64)
     path = np.empty(64, np.int64)
+    scores = np.empty(max(num_children.max(), 1))
     for b in range(bsz):
         lo, hi = 0.0, 0.0
         if normalize_q:
             lo, hi = _q_range(b, visits, value_sum, node_count)
         for j in range(num):
             steps, path = _descend_into(first_child[b], num_children[b], visits[b], value_sum[b], prior[b],
-                                        terminal[b], c, rule, lo, hi, path)
+                                        c, rule, lo, hi, path, scores)
             leaf = path[steps]
             reached[j] = leaf
             out_leaf[b, j] = leaf
@@ -282,32 +341,52 @@ def best_worst_children(first_child, num_children, visits, value_sum, node_count
 
 
 @njit(cache=True)
-def synthetic_search(parent, depth, first_child, num_children, visits, value_sum, prior, terminal,
+def synthetic_search(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
                      node_count, priors, values, c_puct, max_depth):
     """Whole searches inside one call, for benchmarks and tests: ``S`` sequential PUCT simulations
-    on each of ``B`` trees. Simulation ``s`` of tree ``b`` selects a leaf, expands it (when above
-    ``max_depth``) with ``K`` children whose priors are ``priors[b, s]``, and backs up
+    on each of ``B`` fresh trees. Simulation ``s`` of tree ``b`` selects a leaf, expands it (when
+    above ``max_depth``) with ``K`` children whose priors are ``priors[b, s]``, and backs up
     ``values[b, s]`` from the leaf. ``priors`` is ``[B, S, K]``, ``values`` ``[B, S]``; the tree
-    arrays need ``1 + S * K`` slots per tree. Returns the number of node updates made by backup.
+    arrays need ``1 + S * K`` slots per tree. No node is terminal. Returns the number of node
+    updates made by backup.
 
     The backup walks the path recorded during selection rather than the parent links, whose cache
     lines the descent never touched."""
+    if first_child.shape[1] <= CACHED_NODES:  # one loop per form: see _descend_puct
+        return _synthetic(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
+                          node_count, priors, values, c_puct, max_depth, True)
+    return _synthetic(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
+                      node_count, priors, values, c_puct, max_depth, False)
+
+
+@njit(cache=True, inline="always")
+def _synthetic(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
+               node_count, priors, values, c_puct, max_depth, scan):
     bsz, sims, k = priors.shape
     updates = 0
-    path = np.empty(max_depth + 2, np.int64)
+    path = np.empty(max_depth + 1, np.int64)  # room for every level: leaves are at most max_depth deep
+    scores = np.empty(k)
     for b in range(bsz):
         par, dep, fc, nc = parent[b], depth[b], first_child[b], num_children[b]
-        vis, ws, pr, term = visits[b], value_sum[b], prior[b], terminal[b]
+        vis, ws, pr, rew, term = visits[b], value_sum[b], prior[b], reward[b], terminal[b]
         for s in range(sims):
-            steps, path = _descend_into(fc, nc, vis, ws, pr, term, c_puct, PUCT, 0.0, 0.0, path)
+            if scan:
+                steps = _descend_puct_scan(fc, nc, vis, ws, pr, c_puct, path, scores)  # = the leaf's depth
+            else:
+                steps = _descend_puct_carry(fc, nc, vis, ws, pr, c_puct, path)
             leaf = path[steps]
-            d = dep[0] + steps  # = dep[leaf], without another memory access
-            if d < max_depth and not term[leaf]:
+            if steps < max_depth:
                 start = node_count[b]
-                for i in range(k):
+                for i in range(k):  # every field: the slots may hold stale values after Tree.reset
                     par[start + i] = leaf
-                    dep[start + i] = d + 1
+                    dep[start + i] = steps + 1
                     pr[start + i] = priors[b, s, i]
+                    fc[start + i] = -1
+                    nc[start + i] = 0
+                    vis[start + i] = 0
+                    ws[start + i] = 0.0
+                    rew[start + i] = 0.0
+                    term[start + i] = False
                 fc[leaf] = start
                 nc[leaf] = k
                 node_count[b] = start + k

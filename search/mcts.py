@@ -136,7 +136,7 @@ def mcts(
     rule_id = PUCT if rule == "puct" else UCT
     for sim in range(num_simulations):
         select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                      tree.terminal, tree.node_count, c_puct, rule_id, normalize_q, virtual_loss, leaves)
+                      tree.node_count, c_puct, rule_id, normalize_q, virtual_loss, leaves)
         tb, nb = np.nonzero(leaves >= 0)
         nb = leaves[tb, nb]
         tb = tb.astype(np.int32)

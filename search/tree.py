@@ -23,16 +23,17 @@ NO_PARENT = -1
 class Tree:
     """``B`` search trees, one per task.
 
-    Attributes (all ``[B, N]`` unless noted):
+    Attributes (all ``[B, N]`` unless noted; only the first ``node_count[b]`` slots of row ``b``
+    are meaningful):
         parent: index of the parent node, ``NO_PARENT`` for roots and unused slots.
         depth: number of steps from the root (root = 0).
         first_child: index of the first child, -1 while unexpanded.
         num_children: number of children (0 for leaves).
         visits: visit count N.
-        value_sum: sum of backed-up values W (Q = W / N).
+        value_sum: sum of backed-up values W (Q = W / N); 0 while the node is unvisited.
         prior: prior probability of the step leading to the node (P in PUCT).
         reward: reward the environment gave for the step leading to the node.
-        terminal: True when the step ended the episode.
+        terminal: True when the step ended the episode; a terminal node never has children.
         node_count: ``[B]`` number of used slots per tree.
         texts, states: ``B`` lists of per-node step text and environment state.
     """
@@ -66,13 +67,15 @@ class Tree:
     def reset(self, root_states: Sequence[Any] | None = None) -> Tree:
         """Empty every tree in place, keeping the arrays (and their capacity) for the next search:
         a search loop that reuses one ``Tree`` skips the allocation and the first-touch page faults
-        of fresh memory. Only the slots used so far are cleared. Returns ``self``."""
+        of fresh memory. Only the roots are re-initialised: slots past ``node_count`` keep stale
+        values, which nothing reads, since every allocation (:meth:`add_children`,
+        :func:`~search.kernels.synthetic_search`) initialises each field of the slots it takes.
+        The cost is therefore O(B), not O(B * N). Returns ``self``."""
         states = list(root_states) if root_states is not None else [None] * self.batch_size
         if len(states) != self.batch_size:
             raise ValueError(f"got {len(states)} root states for {self.batch_size} trees")
-        used = int(self.node_count.max())
         for name in self._ARRAYS:
-            getattr(self, name)[:, :used] = self._FILL.get(name, 0)
+            getattr(self, name)[:, ROOT_INDEX] = self._FILL.get(name, 0)
         self.node_count[:] = 1
         self.prior[:, ROOT_INDEX] = 1.0
         self.texts = [[""] for _ in range(self.batch_size)]
@@ -112,6 +115,8 @@ class Tree:
         """Attach ``len(texts)`` children to ``node`` of tree ``b``; returns their indices."""
         if self.num_children[b, node] > 0:
             raise ValueError(f"node {node} of tree {b} is already expanded")
+        if self.terminal[b, node]:
+            raise ValueError(f"node {node} of tree {b} is terminal: the episode ended there, so it has no children")
         k = len(texts)
         start = int(self.node_count[b])
         self._ensure_capacity(start + k)
@@ -121,6 +126,10 @@ class Tree:
         self.prior[b, sl] = priors
         self.reward[b, sl] = rewards
         self.terminal[b, sl] = terminals
+        self.first_child[b, sl] = -1  # the slots may hold stale values after reset()
+        self.num_children[b, sl] = 0
+        self.visits[b, sl] = 0
+        self.value_sum[b, sl] = 0.0
         self.first_child[b, node] = start if k else -1
         self.num_children[b, node] = k
         self.node_count[b] = start + k

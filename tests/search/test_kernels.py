@@ -17,6 +17,7 @@ from search import (
     synthetic_search,
     visit_policy,
 )
+from search.kernels import CACHED_NODES
 
 
 def random_tree(rng, batch=5, expansions=30, k_max=4):
@@ -53,11 +54,14 @@ def reference_select(tree, b, c_puct):
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("c_puct", [0.0, 0.5, 2.0])
-def test_select_matches_reference(seed, c_puct):
+@pytest.mark.parametrize("large", [False, True])
+def test_select_matches_reference(seed, c_puct, large):
     tree = random_tree(np.random.default_rng(seed))
+    if large:  # rows past the cache-resident size take the other form of the PUCT walk
+        tree._ensure_capacity(CACHED_NODES + 1)
     out = np.zeros(tree.batch_size, np.int32)
     puct_select(tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                tree.terminal, c_puct, out)
+                c_puct, out)
     assert out.tolist() == [reference_select(tree, b, c_puct) for b in range(tree.batch_size)]
 
 
@@ -108,6 +112,8 @@ def test_tree_grows_by_doubling_and_keeps_data():
     assert tree.node_count.tolist() == [7, 1]
     with pytest.raises(ValueError, match="already expanded"):
         tree.add_children(0, 0, ["x\n"], [1.0], [0], [False])
+    with pytest.raises(ValueError, match="is terminal"):  # selection relies on terminal => no children
+        tree.add_children(0, 3, ["x\n"], [1.0], [0], [False])
 
 
 def reference_select_general(tree, b, c, rule, normalize):
@@ -138,7 +144,7 @@ def test_select_leaves_single_matches_reference(seed, rule, normalize):
     tree = random_tree(np.random.default_rng(seed))
     out = np.zeros((tree.batch_size, 1), np.int32)
     select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                  tree.terminal, tree.node_count, 1.3, rule, normalize, 1, out)
+                  tree.node_count, 1.3, rule, normalize, 1, out)
     assert out[:, 0].tolist() == [reference_select_general(tree, b, 1.3, rule, normalize)
                                   for b in range(tree.batch_size)]
 
@@ -149,7 +155,7 @@ def test_virtual_loss_spreads_leaves_and_restores_visits(seed):
     before = tree.visits.copy()
     out = np.zeros((tree.batch_size, 4), np.int32)
     select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                  tree.terminal, tree.node_count, 1.0, PUCT, False, 3, out)
+                  tree.node_count, 1.0, PUCT, False, 3, out)
     np.testing.assert_array_equal(tree.visits, before)
     for b in range(tree.batch_size):
         got = [x for x in out[b] if x >= 0]
@@ -194,18 +200,24 @@ def test_visit_policy_temperature():
     np.testing.assert_allclose(visit_policy(*args, 0.5), [0.1, 0.9, 0.0])
 
 
-def test_synthetic_search_equals_python_reference():
+# Two capacities: rows that take the cache-resident (scan) form of PUCT selection and rows that
+# take the latency-hiding (carry) form; both must make the reference's choices.
+CAPACITIES = [None, CACHED_NODES + 1]
+
+
+@pytest.mark.parametrize("capacity", CAPACITIES)
+def test_synthetic_search_equals_python_reference(capacity):
     rng = np.random.default_rng(0)
     b, s, k = 3, 150, 4
     priors = rng.dirichlet(np.ones(k), size=(b, s))
     values = rng.random((b, s))
-    tree = Tree(b, capacity=1 + s * k)
+    tree = Tree(b, capacity=capacity or 1 + s * k)
     synthetic_search(tree.parent, tree.depth, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
-                     tree.prior, tree.terminal, tree.node_count, priors, values, 1.0, 6)
-    ref = Tree(b, capacity=1 + s * k)
+                     tree.prior, tree.reward, tree.terminal, tree.node_count, priors, values, 1.0, 6)
+    ref = Tree(b, capacity=capacity or 1 + s * k)
     leaf = np.zeros(b, np.int32)
     for i in range(s):
-        puct_select(ref.first_child, ref.num_children, ref.visits, ref.value_sum, ref.prior, ref.terminal, 1.0, leaf)
+        puct_select(ref.first_child, ref.num_children, ref.visits, ref.value_sum, ref.prior, 1.0, leaf)
         for t in range(b):
             if ref.depth[t, leaf[t]] < 6:
                 ref.add_children(t, int(leaf[t]), ["x"] * k, priors[t, i], np.zeros(k), np.zeros(k, bool))
@@ -213,6 +225,25 @@ def test_synthetic_search_equals_python_reference():
     np.testing.assert_array_equal(tree.visits, ref.visits)
     np.testing.assert_allclose(tree.value_sum, ref.value_sum)
     assert tree.depth.max() == 6
+    first = tree.first_child[0, 0]
+    assert tree.visits[0, first:first + k].tolist() == python_root_visits(priors[0], values[0], 1.0, 6)
+
+
+def python_root_visits(priors, values, c_puct, max_depth):
+    """The same search on plain nested lists (node = [visits, value_sum, prior, depth, children])."""
+    root = [0, 0.0, 1.0, 0, []]
+    for p, v in zip(priors, values):
+        path = [root]
+        while path[-1][4]:
+            node = path[-1]
+            explore = c_puct * math.sqrt(max(node[0], 1))
+            path.append(max(node[4], key=lambda ch: (ch[1] / ch[0] if ch[0] else 0.0) + explore * ch[2] / (1 + ch[0])))
+        if path[-1][3] < max_depth:
+            path[-1][4] = [[0, 0.0, float(q), path[-1][3] + 1, []] for q in p]
+        for node in path:
+            node[0] += 1
+            node[1] += v
+    return [ch[0] for ch in root[4]]
 
 
 def subtree_signature(tree, b, top):
@@ -250,7 +281,7 @@ def test_reset_tree_searches_like_a_fresh_one():
     rng = np.random.default_rng(3)
     b, s, k = 4, 60, 3
     priors, values = rng.dirichlet(np.ones(k), size=(b, s)), rng.random((b, s))
-    names = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior", "terminal")
+    names = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior", "reward", "terminal")
     fresh = Tree(b, capacity=1 + s * k)
     used = random_tree(rng, batch=b, expansions=40)  # arbitrary leftovers, then emptied in place
     used._ensure_capacity(1 + s * k)
@@ -258,5 +289,14 @@ def test_reset_tree_searches_like_a_fresh_one():
     assert used.node_count.tolist() == [1] * b and used.states == [[c] for c in "abcd"]
     for t in (fresh, used):
         synthetic_search(*(getattr(t, n) for n in names), t.node_count, priors, values, 1.0, 5)
-    for n in names:
-        np.testing.assert_array_equal(getattr(used, n)[:, : 1 + s * k], getattr(fresh, n), err_msg=n)
+    assert used.node_count.tolist() == fresh.node_count.tolist()
+    for b_ in range(b):  # the slots in use are identical; the rest may hold stale values
+        n_used = fresh.node_count[b_]
+        for n in names:
+            np.testing.assert_array_equal(getattr(used, n)[b_, :n_used], getattr(fresh, n)[b_, :n_used], err_msg=n)
+    # add_children initialises every field of the slots it takes as well
+    used.reset()
+    kids = used.add_children(0, 0, ["x\n", "y\n"], [0.5, 0.5], [0.0, 1.0], [False, True])
+    assert used.first_child[0, kids].tolist() == [-1, -1] and used.num_children[0, kids].tolist() == [0, 0]
+    assert used.visits[0, kids].tolist() == [0, 0] and used.value_sum[0, kids].tolist() == [0.0, 0.0]
+    assert used.terminal[0, kids].tolist() == [False, True] and used.depth[0, kids].tolist() == [1, 1]
