@@ -83,11 +83,13 @@ class TrainConfig:
     temperature: float = 1.0
     """Sampling temperature for expansions and rollouts."""
     rollouts: int = 1
-    """Policy rollouts to the end per new open node (its value is their mean reward)."""
+    """Policy rollouts to the end per new open node (its value is their mean reward). The first is
+    the rest of the sample that proposed the node's step (one policy call per round proposes the
+    steps and rolls them out); any others are sampled from the node."""
     max_depth: int = 12
     """Deepest node (steps from the root) that is still expanded."""
     step_max_tokens: int = 32
-    """Token cap for one step."""
+    """Token cap for one step (with rollout values, a longer first line is not a step)."""
     min_q_gap: float = 0.5
     """Smallest Q difference between best and worst sibling that yields a pair."""
 

@@ -16,6 +16,15 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 __all__ = ["Sample", "TransformersPolicy"]
 
 
+def _sample(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` (``[rows, vocab]``, rows need not sum to 1), as ``[rows, 1]``, by inverse-CDF
+    sampling: exact, and on CPU several times faster than ``torch.multinomial`` for one draw per
+    row. A token of probability 0 is never drawn (its CDF interval is empty)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), device=probs.device, dtype=cdf.dtype).mul_(cdf[:, -1:])
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+
+
 class _Arena:
     """Flat tensors kept from one generation to the next, so that the KV cache is written into
     memory that is already mapped: a fresh buffer of this size costs as much in page faults as
@@ -35,13 +44,13 @@ class _Arena:
 
 class _BufferLayer(DynamicLayer):
     """A ``DynamicLayer`` that writes new keys and values in place into a buffer sized for the whole
-    generation, instead of concatenating (which copies the whole cache at every token). Dropping or
-    repeating rows copies into the other of two buffers that take turns. ``keys``/``values`` are
-    views of the filled part."""
+    generation, instead of concatenating (which copies the whole cache at every token). Finished
+    rows leave in place (:meth:`fill_holes`); reordering or repeating rows copies into the other of
+    two buffers that take turns. ``keys``/``values`` are views of the filled part."""
 
-    def __init__(self, capacity: int, arena: _Arena, index: int):
+    def __init__(self, capacity: int, arena: _Arena, index: int, repeats: int = 1):
         super().__init__()
-        self.capacity, self.arena, self.index = int(capacity), arena, index
+        self.capacity, self.arena, self.index, self.repeats = int(capacity), arena, index, int(repeats)
         self.length = 0
         self.side = 0
 
@@ -53,8 +62,16 @@ class _BufferLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.device = key_states.device
-            self._k, self._v = self._buffers(0, key_states.shape[0], key_states, value_states, self.capacity)
+            rows, length = key_states.shape[0], key_states.shape[-2]
+            self._k, self._v = self._buffers(0, rows * self.repeats, key_states, value_states,
+                                             max(self.capacity, length))
             self.is_initialized = True
+            if self.repeats > 1:  # the prompt pass: its keys and values written straight into each sample's row
+                self._k[:, :, :length].unflatten(0, (rows, self.repeats))[:] = key_states[:, None]
+                self._v[:, :, :length].unflatten(0, (rows, self.repeats))[:] = value_states[:, None]
+                self.length = length
+                self._views()
+                return key_states, value_states  # the prompt pass attends within its own rows
         end = self.length + key_states.shape[-2]
         if end > self._k.shape[2]:  # more tokens than planned for: move to a larger buffer
             side = 1 - self.side
@@ -76,11 +93,11 @@ class _BufferLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
+        if self.is_initialized:  # only the filled positions are copied, straight into the other buffer
             side = 1 - self.side
             k, v = self._buffers(side, len(indices), self._k, self._v, self._k.shape[2])
-            torch.index_select(self._k, 0, indices, out=k)
-            torch.index_select(self._v, 0, indices, out=v)
+            torch.index_select(self.keys, 0, indices, out=k[:, :, : self.length])
+            torch.index_select(self.values, 0, indices, out=v[:, :, : self.length])
             self._k, self._v, self.side = k, v, side
             self._views()
 
@@ -88,12 +105,37 @@ class _BufferLayer(DynamicLayer):
         if self.is_initialized:
             self.batch_select_indices(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
 
+    def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
+        """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only), then keep the
+        first ``rows`` rows."""
+        if self.is_initialized:
+            if len(holes):
+                for buf, filled in ((self._k, self.keys), (self._v, self.values)):
+                    buf[:, :, : self.length].index_copy_(0, holes, filled.index_select(0, movers))
+            self._k, self._v = self._k[:rows], self._v[:rows]
+            self._views()
+
 
 class _BufferCache(DynamicCache):
     """A ``DynamicCache`` made of :class:`_BufferLayer` s of ``capacity`` positions in ``arena``."""
 
-    def __init__(self, capacity: int, arena: _Arena):
-        Cache.__init__(self, layer_class_to_replicate=lambda: _BufferLayer(capacity, arena, len(self.layers)))
+    def __init__(self, capacity: int, arena: _Arena, repeats: int = 1):
+        """``repeats > 1``: the first forward pass (the prompts) fills ``repeats`` rows per prompt."""
+        Cache.__init__(self, layer_class_to_replicate=lambda: _BufferLayer(capacity, arena, len(self.layers), repeats))
+
+    def drop_rows(self, alive: torch.Tensor) -> torch.Tensor:
+        """Keep the rows where ``alive`` (``[rows]`` bool) is True, moving as few as possible: each
+        live row past the first ``n`` (``n`` = number alive) fills the place of a finished row among
+        them, so the copy is proportional to the rows that finished, not to the rows that remain.
+        Returns the old row index of each remaining row."""
+        n = int(alive.sum())
+        holes = torch.nonzero(~alive[:n])[:, 0]
+        movers = torch.nonzero(alive[n:])[:, 0] + n
+        for layer in self.layers:
+            layer.fill_holes(holes, movers, n)
+        order = torch.arange(n, device=alive.device)
+        order[holes] = movers
+        return order
 
 
 @dataclass(frozen=True)
@@ -108,6 +150,14 @@ class Sample:
     """Number of tokens generated up to and including the stop."""
     finished: bool
     """True when generation ended on the stop string or end-of-sequence, not on the length cap."""
+    head_tokens: int = 0
+    """With ``generate(..., head_stop=S)``: the number of tokens up to and including the first one
+    that contains ``S`` (all of them when none does); otherwise ``num_tokens``."""
+    head_logprob: float = 0.0
+    """The summed log-probability of those ``head_tokens`` tokens."""
+    duplicate: bool = False
+    """With ``generate(..., unique_heads=True)``: its head repeated the head of an earlier sample
+    of the same prompt, so it was stopped right after it (its text is the head)."""
 
 
 class TransformersPolicy:
@@ -133,6 +183,15 @@ class TransformersPolicy:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
+    def _texts(self, seqs: list[list[int]]) -> list[str]:
+        """``tokenizer.batch_decode(seqs)``. For a fast tokenizer without clean-up of tokenisation
+        spaces this is its Rust backend's ``decode_batch``, called directly: ``batch_decode`` first
+        type-checks every token id in Python, which costs more than the decoding."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return backend.decode_batch(seqs, skip_special_tokens=False)
+        return self.tokenizer.batch_decode(seqs)
+
     def _token_ids_containing(self, stop: str) -> list[int]:
         """Every vocabulary token whose text contains ``stop`` (for BPE vocabularies a newline
         often comes fused with other characters)."""
@@ -152,18 +211,26 @@ class TransformersPolicy:
         temperature: float = 1.0,
         max_new_tokens: int = 64,
         stop: str | None = "\n",
+        head_stop: str | None = None,
+        unique_heads: bool = False,
     ) -> list[list[Sample]]:
         """``num_samples`` continuations of each prompt (greedy when ``temperature == 0``), each
         ended by ``stop`` (kept in the text), end-of-sequence (dropped) or ``max_new_tokens``.
-        Returns one list of samples per prompt. Each prompt is run through the model once; its
-        cache is then copied for its ``num_samples`` rows."""
+        Returns one list of samples per prompt. Each prompt is run through the model once, for all
+        of its ``num_samples`` rows. With ``head_stop``, each sample also
+        reports the length and log-probability of its head, the part up to the first
+        ``head_stop`` (for example its first line, while it runs on to the end of the solution).
+        With ``unique_heads`` as well, only the first sample of a prompt to finish a given head
+        runs on past it; a later one with the same head stops there (``Sample.duplicate``), as its
+        continuation would only repeat a draw from the same distribution."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         ids = self._encode(list(prompts))
         end_ids = set(self._token_ids_containing(stop)) if stop else set()
         if self.eos_id is not None:
             end_ids.add(int(self.eos_id))
-        ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=self.device) if end_ids else None
+        ends = self._token_table(end_ids) if end_ids else None
+        heads = self._token_table(self._token_ids_containing(head_stop)) if head_stop else None
         # longest first, so prompts of similar length share a batch and padding stays small
         order = np.argsort([-len(x) for x in ids], kind="stable")
         per_batch = max(1, self.batch_size // num_samples)
@@ -171,28 +238,32 @@ class TransformersPolicy:
         self.model.eval()
         for start in range(0, len(order), per_batch):
             chunk = order[start : start + per_batch]
-            decoded = self._decode([ids[i] for i in chunk], repeats=num_samples,
-                                   max_new_tokens=int(max_new_tokens), temperature=float(temperature), ends=ends)
-            for row, (toks, lp, finished) in enumerate(decoded):
-                if toks and self.eos_id is not None and toks[-1] == self.eos_id:
-                    text = self.tokenizer.decode(toks[:-1])
-                else:
-                    text = self.tokenizer.decode(toks)
+            decoded = self._decode([ids[i] for i in chunk], repeats=num_samples, max_new_tokens=int(max_new_tokens),
+                                   temperature=float(temperature), ends=ends, heads=heads,
+                                   unique_heads=bool(unique_heads and heads is not None and num_samples > 1))
+            texts = self._texts([toks[:-1] if toks and self.eos_id is not None and toks[-1] == self.eos_id else toks
+                                 for toks, *_ in decoded])  # the end-of-sequence token is dropped
+            for row, (text, (toks, lp, finished, head_len, head_lp, dup)) in enumerate(zip(texts, decoded)):
                 if stop and stop in text:
                     text = text[: text.index(stop) + len(stop)]
-                results[chunk[row // num_samples]].append(Sample(text, lp, len(toks), finished))
+                results[chunk[row // num_samples]].append(Sample(text, lp, len(toks), finished, head_len, head_lp,
+                                                                 dup))
         return results
 
     def _decode(self, batch: list[list[int]], *, repeats: int, max_new_tokens: int, temperature: float,
-                ends: torch.Tensor | None) -> list[tuple[list[int], float, bool]]:
+                ends: torch.Tensor | None, heads: torch.Tensor | None = None, unique_heads: bool = False
+                ) -> list[tuple[list[int], float, bool, int, float, bool]]:
         """Sample ``repeats`` continuations of each prompt in ``batch`` with a KV cache (rows
-        ``i * repeats ... i * repeats + repeats - 1`` continue prompt ``i``). The prompts are run
-        through the model once and the cache is copied per row; it is written in place into buffers
-        sized for the whole generation (no per-token concatenation). Finished rows leave the batch
-        (and the cache) once half of the batch has finished, so compute follows the rows still
+        ``i * repeats ... i * repeats + repeats - 1`` continue prompt ``i``). Each prompt is run
+        through the model once, its keys and values written into each of its rows; the cache is
+        written in place into buffers sized for the whole generation (no per-token concatenation),
+        reused from one call to the next. Finished rows leave the batch
+        (and the cache) once a quarter of the batch has finished, so compute follows the rows still
         running. Tokens and log-probabilities stay on the device until the end. Returns per row:
-        token ids, the sum of their log-probabilities at temperature 1, and whether it ended on an
-        end token."""
+        token ids, the sum of their log-probabilities at temperature 1, whether it ended on an
+        end token, the number of tokens up to the first token in ``heads`` (all when none is,
+        or ``heads`` is None) with the sum of their log-probabilities, and whether it was stopped
+        after its head for repeating an earlier row's head (``unique_heads``)."""
         n0 = len(batch)
         width = max(len(x) for x in batch)
         total = width + max_new_tokens
@@ -203,62 +274,121 @@ class TransformersPolicy:
             mask0[r, width - len(x) :] = 1  # generated positions are always attended to
         input_ids, mask0 = input_ids.to(self.device), mask0.to(self.device)
         positions = (mask0[:, :width].cumsum(-1) - 1).clamp(min=0)
-        cache = _BufferCache(total, self._arena)
+        cache = _BufferCache(total, self._arena, repeats)
         logits = self.model(input_ids=input_ids, attention_mask=mask0[:, :width], position_ids=positions,
                             use_cache=True, **{self._cache_kw(): cache}).logits[:, -1]
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
         prompt_row = torch.arange(n0, device=self.device).repeat_interleave(repeats)
         logits, mask, next_pos = logits[prompt_row], mask0[prompt_row], positions[prompt_row, -1] + 1
         n = n0 * repeats
+        cap = max(max_new_tokens, 1)
         rows = torch.arange(n, device=self.device)  # original row of each batch position
-        out_tok = torch.zeros((n, max(max_new_tokens, 1)), dtype=torch.long, device=self.device)
-        out_lp = torch.zeros((n, max(max_new_tokens, 1)), dtype=torch.float32, device=self.device)
-        length = torch.full((n,), max_new_tokens, dtype=torch.long, device=self.device)
-        ended = torch.zeros(n, dtype=torch.bool, device=self.device)
-        alive = torch.ones(n, dtype=torch.bool, device=self.device)
-        steps = 0
+        out_tok = torch.zeros((n, cap), dtype=torch.long, device=self.device)
+        out_lp = torch.zeros((n, cap), dtype=torch.float32, device=self.device)
+        alive = torch.ones((n, 1), dtype=torch.bool, device=self.device)
+        pos = next_pos[:, None]
+        cache_kw = self._cache_kw()
+        # Each step's tokens and log-probabilities are kept as they come, per batch position; they
+        # go to their rows' places in out_tok / out_lp once per segment (the steps between two
+        # changes of the batch's rows), not once per step: on CPU each tensor operation costs
+        # several microseconds whatever its size, and a step should take few of them.
+        seg_tok: list[torch.Tensor] = []
+        seg_lp: list[torch.Tensor] = []
+        seg_start = steps = 0
+        # unique_heads: a rolling hash of each row's head while it is open; (prompt, hash) of the
+        # heads finished so far; the rows stopped as repeats, with their lengths
+        head_hash = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+        head_open = torch.ones((n, 1), dtype=torch.bool, device=self.device)
+        any_open = unique_heads
+        seen: set[tuple[int, int]] = set()
+        repeats_cut: dict[int, int] = {}
+
+        def flush():
+            if seg_tok:
+                out_tok[rows, seg_start:steps] = torch.cat(seg_tok, 1)
+                out_lp[rows, seg_start:steps] = torch.cat(seg_lp, 1)
+                seg_tok.clear()
+                seg_lp.clear()
+
         for t in range(max_new_tokens):
             logp = torch.log_softmax(logits.float(), dim=-1)
             if temperature <= 0:
-                tok = logp.argmax(-1)
-            elif temperature == 1.0:
-                tok = torch.multinomial(logp.exp(), 1)[:, 0]
+                tok = logp.argmax(-1, keepdim=True)
             else:
-                tok = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
-            out_tok[rows, t] = tok
-            out_lp[rows, t] = logp.gather(1, tok[:, None])[:, 0]
+                tok = _sample(logp.exp() if temperature == 1.0 else torch.softmax(logits.float() / temperature, dim=-1))
+            seg_tok.append(tok)
+            seg_lp.append(logp.gather(1, tok))
             steps = t + 1
-            if ends is not None:
-                done = torch.isin(tok, ends) & alive
-                if bool(done.any()):
-                    ended[rows[done]] = True
-                    length[rows[done]] = t + 1
-                    alive &= ~done
-                    n_alive = int(alive.sum())
-                    if n_alive == 0:
-                        break
-                    # Finished rows ride along (their tokens are ignored) until half the batch has
-                    # finished: an extra row costs a forward pass little, a cache copy more.
-                    if n_alive * 2 <= len(rows):
-                        keep = torch.nonzero(alive)[:, 0]
-                        rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
-                        alive = alive[keep]
-                        cache.batch_select_indices(keep)
+            if any_open:
+                head_hash = torch.where(head_open, head_hash * 1_000_003 + tok, head_hash)
+                closing = head_open & alive & heads[tok]  # a finished row riding along is not judged
+                if bool(closing.any()):
+                    head_open &= ~closing
+                    at = torch.nonzero(closing[:, 0])[:, 0]
+                    cut = []
+                    for i, r, h in zip(at.tolist(), rows[at].tolist(), head_hash[at, 0].tolist()):
+                        if (r // repeats, h) in seen:  # a hash collision only costs a rollout sampled later
+                            cut.append(i)
+                            repeats_cut[r] = steps
+                        else:
+                            seen.add((r // repeats, h))
+                    if cut:
+                        alive[cut] = False
+                    any_open = bool((head_open & alive).any())
+            if ends is not None or repeats_cut:
+                if ends is not None:
+                    alive &= ~ends[tok]
+                n_alive = int(alive.sum())
+                if n_alive == 0:
+                    break
+                # Finished rows ride along (their tokens are ignored) until a quarter of the batch
+                # has finished; then they leave it and the cache. A decoding step's cost grows with
+                # its rows (about 0.06 ms a row for the tiny default model on 2 CPU cores, 2 ms
+                # fixed), and the cache copy costs about one step's worth, so it pays for itself
+                # within a step or two.
+                if n_alive * 4 <= len(rows) * 3:
+                    flush()
+                    seg_start = steps
+                    keep = cache.drop_rows(alive[:, 0])
+                    rows, tok, mask, pos, alive = rows[keep], tok[keep], mask[keep], pos[keep], alive[keep]
+                    head_hash, head_open = head_hash[keep], head_open[keep]
             if t == max_new_tokens - 1:
                 break
-            logits = self.model(input_ids=tok[:, None], attention_mask=mask[:, : width + t + 1],
-                                position_ids=next_pos[:, None], use_cache=True,
-                                **{self._cache_kw(): cache}).logits[:, -1]
-            next_pos = next_pos + 1
-        length = torch.minimum(length, torch.tensor(steps, device=self.device))
-        keep_lp = torch.arange(out_lp.shape[1], device=self.device)[None, :] < length[:, None]
+            logits = self.model(input_ids=tok, attention_mask=mask[:, : width + t + 1], position_ids=pos,
+                                use_cache=True, **{cache_kw: cache}).logits[:, -1]
+            pos = pos + 1
+        flush()
+        # Lengths come from the tokens: a row ends at its first end token (what follows it, from
+        # a finished row riding along, is ignored), else at the last step.
+        position = torch.arange(cap, device=self.device)[None, :]
+        written = position < steps
+        length = torch.full((n,), steps, dtype=torch.long, device=self.device)
+        ended = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if ends is not None:
+            hit = ends[out_tok] & written
+            ended = hit.any(1)
+            length = torch.where(ended, hit.byte().argmax(1) + 1, length)  # argmax finds the first True
+        if repeats_cut:  # rows stopped after a repeated head end there, unfinished
+            cut_rows = torch.tensor(list(repeats_cut), dtype=torch.long, device=self.device)
+            length[cut_rows] = torch.tensor(list(repeats_cut.values()), dtype=torch.long, device=self.device)
+            ended[cut_rows] = False
+        keep_lp = position < length[:, None]
         sums = (out_lp * keep_lp).sum(-1, dtype=torch.float64).tolist()
-        if ends is not None:  # a row whose last token ended it, at the cap, is finished too
-            last = out_tok.gather(1, (length - 1).clamp(min=0)[:, None])[:, 0]
-            ended |= (length > 0) & torch.isin(last, ends)
-        toks = out_tok.tolist()
-        return [(toks[r][:k], sums[r], e) for r, (k, e) in enumerate(zip(length.tolist(), ended.tolist()))]
+        head, head_sums = length, sums
+        if heads is not None:  # up to the first head token, else the whole row
+            hit = heads[out_tok] & keep_lp
+            head = torch.where(hit.any(1), hit.byte().argmax(1) + 1, length)
+            head_sums = (out_lp * (position < head[:, None])).sum(-1, dtype=torch.float64).tolist()
+        toks = out_tok[:, :steps].tolist()
+        return [(toks[r][:k], sums[r], e, h, head_sums[r], r in repeats_cut)
+                for r, (k, e, h) in enumerate(zip(length.tolist(), ended.tolist(), head.tolist()))]
+
+    def _token_table(self, ids) -> torch.Tensor:
+        """A boolean lookup table over the vocabulary, True at ``ids``: ``table[tokens]`` marks
+        the tokens in a batch with one indexing operation."""
+        size = max(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", 0) or 0), max(ids, default=0) + 1)
+        table = torch.zeros(size, dtype=torch.bool, device=self.device)
+        table[torch.tensor(sorted(ids), dtype=torch.long, device=self.device)] = True
+        return table
 
     def _cache_kw(self) -> str:
         """transformers >= 5.x names the forward's cache argument ``cache``; older releases

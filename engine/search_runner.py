@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -51,28 +53,47 @@ def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
 
 
 def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, temperature: float,
-                   step_max_tokens: int):
+                   step_max_tokens: int, continuations: dict | None = None, max_new_tokens: int = 0):
     """``expand_fn`` for :func:`search.mcts`: K sampled next lines per node, in one batched call,
-    each stepped through ``env`` for its reward, terminal flag and state."""
+    each stepped through ``env`` for its reward, terminal flag and state. A line longer than
+    ``step_max_tokens`` tokens is not a step.
+
+    With a ``continuations`` dict (shared with :func:`make_rollout_evaluate_fn`), each sample runs
+    on past its first line to the end of the solution (``max_new_tokens`` tokens in all): the first
+    line is the proposed step, and the rest is a rollout from the child it creates, which the
+    evaluation then uses instead of sampling one. Sampling is autoregressive, so the rest is a
+    sample of the policy given the context and the step, exactly what a separate rollout call would
+    draw; sharing saves that call, its prompt pass over every child's context, and the idle rows of
+    a batch that waits at each step for its longest line. A sample whose first line repeats an
+    earlier one's (the two become one child) stops after it (``unique_heads``)."""
+    shared = continuations is not None
 
     def expand_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> list[list[Candidate]]:
         contexts = [prompts[b] + tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
-        samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
-                                  max_new_tokens=step_max_tokens, stop="\n")
+        if shared:
+            continuations.clear()  # left over from candidates that were dropped or merged
+            samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, stop=None, head_stop="\n", unique_heads=True)
+        else:
+            samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
+                                      max_new_tokens=step_max_tokens, stop="\n")
         out = []
-        for b, n, group in zip(tree_index, node_index, samples):
+        for b, n, group in zip(tree_index.tolist(), node_index.tolist(), samples):
             cands = []
             for s in group:
-                text = _line(s.text)
-                if not text.strip():
+                head, _, rest = s.text.partition("\n")
+                text = head + "\n"
+                if not head.strip() or (shared and s.head_tokens > step_max_tokens):
                     continue
                 env.set_state(tree.states[b][n])
                 _, reward, terminated, truncated, info = env.step(text)
                 if info.get("invalid_action"):
                     continue
-                cands.append(Candidate(text=text, logprob=s.logprob, num_tokens=s.num_tokens,
-                                       reward=float(reward), terminal=bool(terminated or truncated),
-                                       state=env.get_state()))
+                terminal = bool(terminated or truncated)
+                cands.append(Candidate(text=text, logprob=s.head_logprob, num_tokens=s.head_tokens,
+                                       reward=float(reward), terminal=terminal, state=env.get_state()))
+                if shared and not terminal and not s.duplicate:
+                    continuations.setdefault((b, n, text), []).append(rest)
             out.append(cands)
         return out
 
@@ -80,20 +101,29 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
 
 
 def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: int, temperature: float,
-                             max_new_tokens: int, record: list | None = None):
+                             max_new_tokens: int, record: list | None = None, continuations: dict | None = None):
     """``evaluate_fn`` that values a node by the mean reward of ``rollouts`` policy completions.
-    When ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``."""
+    Completions that expansion already sampled (``continuations``, keyed by tree, parent and step
+    text; see :func:`make_expand_fn`) are used first; only the missing ones are sampled. When
+    ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``."""
 
     def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
-        contexts = [prompts[b] + tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
-        samples = policy.generate(contexts, num_samples=rollouts, temperature=temperature,
-                                  max_new_tokens=max_new_tokens, stop=None)
-        values = np.zeros(len(contexts))
-        for j, (b, n, group) in enumerate(zip(tree_index, node_index, samples)):
-            outcomes = [play_out(env, tree.states[b][n], s.text) for s in group]
+        nodes = list(zip(tree_index.tolist(), node_index.tolist()))
+        texts = [continuations.pop((b, int(tree.parent[b, n]), tree.texts[b][n]), [])[:rollouts]
+                 if continuations is not None else [] for b, n in nodes]
+        for missing in sorted({rollouts - len(t) for t in texts} - {0}):  # one call per count missing
+            rows = [j for j, t in enumerate(texts) if rollouts - len(t) == missing]
+            contexts = [prompts[nodes[j][0]] + tree.prefix_text(*nodes[j]) for j in rows]
+            samples = policy.generate(contexts, num_samples=missing, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, stop=None)
+            for j, group in zip(rows, samples):
+                texts[j] = texts[j] + [s.text for s in group]
+        values = np.zeros(len(nodes))
+        for j, ((b, n), group) in enumerate(zip(nodes, texts)):
+            outcomes = [play_out(env, tree.states[b][n], text) for text in group]
             values[j] = np.mean([r for r, _ in outcomes])
             if record is not None:
-                record.extend((int(b), int(n), steps, r) for r, steps in outcomes)
+                record.extend((b, n, steps, r) for r, steps in outcomes)
         return values
 
     return evaluate_fn
@@ -142,11 +172,31 @@ def make_sample_fn(policy, env, prompts: Sequence[str], *, temperature: float, m
     return sample_fn
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector paused for the block. Search allocates many short-lived
+    objects that reference counting frees (samples, candidates, states, small tensors); a
+    collection would walk every tracked object, model included, again and again in between."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def run_search(policy, env, tasks: Sequence[dict], cfg, progress: Callable[[int, int], None] | None = None,
                rollout_record: list | None = None) -> Tree:
     """Search every task with ``cfg.search`` (mcts, tot-bfs, tot-dfs or sample) and the leaf
     evaluation ``cfg.leaf_eval``; returns the batch of trees (one per task). Rollouts are appended
-    to ``rollout_record`` when given (see :func:`make_rollout_evaluate_fn`)."""
+    to ``rollout_record`` when given (see :func:`make_rollout_evaluate_fn`). The cyclic garbage
+    collector is paused meanwhile (see :func:`_gc_paused`)."""
+    with _gc_paused():
+        return _run_search(policy, env, tasks, cfg, progress, rollout_record)
+
+
+def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     roots = []
     for task in tasks:
         env.reset(options={"task": task})
@@ -157,14 +207,18 @@ def run_search(policy, env, tasks: Sequence[dict], cfg, progress: Callable[[int,
         return sample_trajectories(tree, sample_fn=make_sample_fn(policy, env, prompts, temperature=cfg.temperature,
                                                                   max_new_tokens=cfg.max_new_tokens),
                                    num_samples=cfg.simulations, progress=progress)
+    # rollouts continue the samples that proposed the steps (see make_expand_fn)
+    continuations = {} if cfg.leaf_eval in ("rollout", "mix") else None
     rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
-                                        max_new_tokens=cfg.max_new_tokens, record=rollout_record)
+                                        max_new_tokens=cfg.max_new_tokens, record=rollout_record,
+                                        continuations=continuations)
     judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
                               verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
     evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge,
                    "mix": mix_evaluators(rollouts, judge, cfg.alpha)}[cfg.leaf_eval]
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
-                               temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens)
+                               temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
+                               continuations=continuations, max_new_tokens=cfg.max_new_tokens)
     if cfg.search == "mcts":
         return mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations,
                     c_puct=cfg.c_puct, rule=cfg.rule, leaves_per_tree=cfg.leaves_per_tree,

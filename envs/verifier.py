@@ -8,6 +8,7 @@ that a hostile ``9**9**9**9`` is refused before it is computed.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -99,9 +100,15 @@ def parse_number(answer: str) -> sympy.Rational | sympy.Float | None:
 
     Accepts integers with thousands separators, decimals, signs, fractions (``3/4``,
     ``\\frac{3}{4}``) and small arithmetic expressions (``2*(3+4)``); refuses anything else.
+    Results are cached (sympy numbers are immutable): search verifies the same lines many times.
     """
     if not isinstance(answer, str):
         return None
+    return _parse_number(answer)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_number(answer: str) -> sympy.Rational | sympy.Float | None:
     s = _clean(answer)
     if not s or len(s) > _MAX_CHARS or not _ALLOWED.match(s):
         return None

@@ -58,3 +58,48 @@ def test_play_out_scores_a_reference_solution():
     assert reward == 1.0 and "".join(steps) == task["solution"]
     env.reset(options={"task": task})
     assert play_out(env, env.get_state(), "1+1=3\n")[0] == 0.0
+
+
+class RecordingPolicy:
+    """The real policy, with every generate call and sample kept."""
+
+    def __init__(self, policy):
+        self.policy, self.calls = policy, []
+
+    def generate(self, prompts, **kw):
+        out = self.policy.generate(prompts, **kw)
+        self.calls.append((kw, [(p, s.text) for p, group in zip(prompts, out) for s in group]))
+        return out
+
+    def logprobs(self, *a, **kw):
+        return self.policy.logprobs(*a, **kw)
+
+
+def rollout_lines(text, k):
+    """The first ``k`` non-blank lines of ``text``, each ending in a newline (as rollouts record them)."""
+    return [line + "\n" for line in text.split("\n") if line.strip()][:k]
+
+
+@pytest.mark.parametrize("rollouts", [1, 2])
+def test_rollouts_continue_the_samples_that_proposed_the_steps(policy, rollouts):
+    cfg = dataclasses.replace(TrainConfig(), simulations=3, num_candidates=3, rollouts=rollouts, max_new_tokens=40,
+                              step_max_tokens=16, max_depth=6)
+    rec, record = RecordingPolicy(policy), []
+    torch.manual_seed(0)
+    tree = run_search(rec, MathEnv(max_steps=6), TASKS, cfg, rollout_record=record)
+    # one call per simulation proposes the steps and runs on to the end of the solution; only the
+    # rollouts beyond the first per child need calls of their own
+    expansions = [kw for kw, _ in rec.calls if kw.get("head_stop") == "\n"]
+    assert len(expansions) == cfg.simulations and all(kw["stop"] is None for kw in expansions)
+    assert len(rec.calls) == cfg.simulations * (1 if rollouts == 1 else 2)
+    sampled = {(p, text) for kw, rows in rec.calls if kw.get("head_stop") for p, text in rows}
+    prompts = [t["prompt"] for t in TASKS]
+    per_node: dict = {}
+    for b, n, steps, _ in record:
+        per_node[(b, n)] = per_node.get((b, n), 0) + 1
+        context = prompts[b] + tree.prefix_text(b, int(tree.parent[b, n]))
+        if per_node[(b, n)] == 1:  # the first rollout is the rest of a sample whose first line is the step
+            step = tree.texts[b][n]  # a sample that ended within its first line gave the step a newline
+            assert any(text.startswith(step) and rollout_lines(text[len(step):], len(steps)) == steps
+                       or text + "\n" == step and not steps for p, text in sampled if p == context)
+    assert per_node and set(per_node.values()) == {rollouts}

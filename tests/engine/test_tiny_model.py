@@ -2,8 +2,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.policy import TransformersPolicy
+from engine.policy import TransformersPolicy, _sample
 from engine.tiny_model import BootstrapConfig, bootstrap
+from envs import arithmetic_tasks
 
 
 def test_saved_model_loads_with_auto_classes(trained_model_dir):
@@ -42,9 +43,8 @@ def test_generate_logprobs_equal_scoring(trained_model_dir):
     samples = policy.generate(prompts, num_samples=3, temperature=1.0, max_new_tokens=12, stop="\n")
     flat = [(p, s) for p, group in zip(prompts, samples) for s in group]
     assert len(flat) == 6
-    for _, s in flat:
-        assert s.text.count("\n") <= 1 and (s.text.endswith("\n") or not s.finished or s.num_tokens == 12
-                                            or s.text == "")
+    for _, s in flat:  # cut just after the stop; a finished sample without it ended on end-of-sequence
+        assert "\n" not in s.text[:-1] and (s.text.endswith("\n") or s.finished or s.num_tokens == 12)
     scored = policy.logprobs([p for p, _ in flat], [s.text for _, s in flat])
     finished = [i for i, (_, s) in enumerate(flat) if s.finished and s.text.endswith("\n")]
     np.testing.assert_allclose(scored[finished], [flat[i][1].logprob for i in finished], rtol=1e-4, atol=1e-4)
@@ -67,3 +67,77 @@ def test_generate_shares_prompts_across_samples_and_batches(trained_model_dir):
     torch.manual_seed(0)
     sampled = wide.generate(prompts[:1], num_samples=6, temperature=1.0, max_new_tokens=20, stop=None)[0]
     assert len({s.text for s in sampled}) > 1  # the copied cache rows are sampled independently
+
+
+def test_inverse_cdf_sampling_draws_each_token_at_its_probability():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0]])  # rows need not sum to 1
+    draws = _sample(probs.repeat_interleave(20_000, 0))
+    assert draws.shape == (40_000, 1)
+    first = torch.bincount(draws[:20_000, 0], minlength=4) / 20_000
+    np.testing.assert_allclose(first.numpy(), [0.1, 0.0, 0.6, 0.3], atol=0.015)
+    assert first[1] == 0 and (draws[20_000:] == 3).all()  # probability 0 is never drawn
+
+
+def test_head_stop_reports_the_first_line_as_scoring_does(trained_model_dir):
+    tok = AutoTokenizer.from_pretrained(trained_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir)
+    policy = TransformersPolicy(model, tok)
+    prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n"]
+    torch.manual_seed(1)
+    samples = policy.generate(prompts, num_samples=4, temperature=1.0, max_new_tokens=40, stop=None, head_stop="\n")
+    rows = [(p, s) for p, group in zip(prompts, samples) for s in group if "\n" in s.text]
+    assert len(rows) >= 4 and any(s.text.count("\n") > 1 for _, s in rows)  # they ran on past the first line
+    heads = [s.text[: s.text.index("\n") + 1] for _, s in rows]
+    assert [s.head_tokens for _, s in rows] == [len(tok(h, add_special_tokens=False)["input_ids"]) for h in heads]
+    assert all(s.head_tokens < s.num_tokens or s.text.count("\n") == 1 for _, s in rows)
+    np.testing.assert_allclose([s.head_logprob for _, s in rows], policy.logprobs([p for p, _ in rows], heads),
+                               rtol=1e-4, atol=1e-4)
+    plain = policy.generate(prompts, temperature=0.0, max_new_tokens=20, stop="\n")  # without head_stop: all of it
+    assert all(s.head_tokens == s.num_tokens and s.head_logprob == s.logprob for g in plain for s in g)
+
+
+def test_fast_decode_equals_batch_decode(trained_model_dir):
+    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir),
+                                AutoTokenizer.from_pretrained(trained_model_dir))
+    seqs = [list(np.random.default_rng(i).integers(0, len(policy.tokenizer), 30)) for i in range(8)] + [[]]
+    seqs = [[int(t) for t in s] for s in seqs]
+    assert policy._texts(seqs) == policy.tokenizer.batch_decode(seqs)
+
+
+def test_rows_leaving_the_batch_do_not_change_the_others(trained_model_dir):
+    """Greedy decoding of many prompts in one batch (rows finish at different steps and leave it,
+    the cache's holes filled by later rows) equals decoding each prompt alone."""
+    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir),
+                                AutoTokenizer.from_pretrained(trained_model_dir))
+    prompts = [t["prompt"] for _, t in zip(range(12), arithmetic_tasks(3))]
+    # (the briefly trained test model writes few newlines: a digit as the stop ends rows at many steps)
+    together = policy.generate(prompts, temperature=0.0, max_new_tokens=40, stop="1")
+    alone = [policy.generate([p], temperature=0.0, max_new_tokens=40, stop="1")[0] for p in prompts]
+    assert len({s.num_tokens for g in together for s in g}) > 3  # rows did finish at different steps
+    assert [g[0].text for g in together] == [g[0].text for g in alone]
+    np.testing.assert_allclose([g[0].logprob for g in together], [g[0].logprob for g in alone], atol=1e-4)
+
+
+def test_unique_heads_stop_samples_that_repeat_a_first_line(trained_model_dir):
+    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir),
+                                AutoTokenizer.from_pretrained(trained_model_dir))
+    prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n"]
+    # greedy: the 8 samples of a prompt share their first line, and only one of them runs on
+    groups = policy.generate(prompts, num_samples=8, temperature=0.0, max_new_tokens=30, stop=None, head_stop="\n",
+                             unique_heads=True)
+    free = policy.generate(prompts, num_samples=8, temperature=0.0, max_new_tokens=30, stop=None, head_stop="\n")
+    cut = 0
+    for group in groups:
+        heads = [s.text[: s.text.index("\n") + 1] for s in group if "\n" in s.text]
+        ran_on = [h for s, h in zip([s for s in group if "\n" in s.text], heads) if not s.duplicate]
+        assert len(ran_on) == len(set(ran_on))  # one sample runs on per first line
+        for s in group:
+            if s.duplicate:
+                cut += 1
+                assert s.text.count("\n") == 1 and s.text.endswith("\n") and not s.finished
+                assert s.text in heads and s.num_tokens == s.head_tokens
+    assert cut == 14
+    for group, other in zip(groups, free):  # the one that ran on is what it would have been
+        kept = [s for s in group if not s.duplicate]
+        assert len(kept) == 1 and kept[0].text == other[0].text and not any(s.duplicate for s in other)
