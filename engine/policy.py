@@ -44,9 +44,11 @@ class _Arena:
 
 class _BufferLayer(DynamicLayer):
     """A ``DynamicLayer`` that writes new keys and values in place into a buffer sized for the whole
-    generation, instead of concatenating (which copies the whole cache at every token). Finished
-    rows leave in place (:meth:`fill_holes`); reordering or repeating rows copies into the other of
-    two buffers that take turns. ``keys``/``values`` are views of the filled part."""
+    generation, instead of concatenating (which copies the whole cache at every token). Prompt rows
+    are repeated in the first update (``repeats``) and finished rows leave in place
+    (:meth:`fill_holes`); the cache's own row reordering is not supported. Growing past the planned
+    length copies into the other of two buffers that take turns. ``keys``/``values`` are views of
+    the filled part."""
 
     def __init__(self, capacity: int, arena: _Arena, index: int, repeats: int = 1):
         super().__init__()
@@ -93,17 +95,10 @@ class _BufferLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:  # only the filled positions are copied, straight into the other buffer
-            side = 1 - self.side
-            k, v = self._buffers(side, len(indices), self._k, self._v, self._k.shape[2])
-            torch.index_select(self.keys, 0, indices, out=k[:, :, : self.length])
-            torch.index_select(self.values, 0, indices, out=v[:, :, : self.length])
-            self._k, self._v, self.side = k, v, side
-            self._views()
+        raise NotImplementedError("rows leave a _BufferCache through drop_rows")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.batch_select_indices(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
+        raise NotImplementedError("a _BufferCache repeats its prompt rows in its first update (repeats=)")
 
     def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
         """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only), then keep the
