@@ -17,9 +17,9 @@ __all__ = ["Sample", "TransformersPolicy"]
 
 
 def _sample(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``probs`` (``[rows, vocab]``, rows need not sum to 1), as ``[rows, 1]``, by inverse-CDF
-    sampling: exact, and on CPU several times faster than ``torch.multinomial`` for one draw per
-    row. A token of probability 0 is never drawn (its CDF interval is empty)."""
+    """One token per row of ``probs`` (``[rows, vocab]``, rows need not sum to 1), as ``[rows, 1]``,
+    by inverse-CDF sampling: exact, and on CPU several times faster than ``torch.multinomial`` for
+    one draw per row. A token of probability 0 is never drawn (its CDF interval is empty)."""
     cdf = probs.cumsum(-1)
     u = torch.rand((probs.shape[0], 1), device=probs.device, dtype=cdf.dtype).mul_(cdf[:, -1:])
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
@@ -212,9 +212,9 @@ class TransformersPolicy:
         """``num_samples`` continuations of each prompt (greedy when ``temperature == 0``), each
         ended by ``stop`` (kept in the text), end-of-sequence (dropped) or ``max_new_tokens``.
         Returns one list of samples per prompt. Each prompt is run through the model once, for all
-        of its ``num_samples`` rows. With ``head_stop``, each sample also
-        reports the length and log-probability of its head, the part up to the first
-        ``head_stop`` (for example its first line, while it runs on to the end of the solution).
+        of its ``num_samples`` rows. With ``head_stop``, each sample also reports the length and
+        log-probability of its head, the part up to the first ``head_stop`` (for example its first
+        line, while it runs on to the end of the solution).
         With ``unique_heads`` as well, only the first sample of a prompt to finish a given head
         runs on past it; a later one with the same head stops there (``Sample.duplicate``), as its
         continuation would only repeat a draw from the same distribution."""
