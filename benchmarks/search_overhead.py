@@ -9,10 +9,12 @@ tasks and reports, measured in the same run:
   the same batch size (``policy.generate`` with no stop, every row running to the token cap);
   target >= 0.7x.
 
-Forward time is measured with forward hooks on the model (synchronised on GPU). Run from the
-repository root (the default model is built on first use, about 3 minutes):
+Forward time is measured with forward hooks on the model (synchronised on GPU). The same seeded
+search and the plain sampling take turns ``--repeats`` times (3), so that both see the machine in
+the same states, and each one's best (shortest) run is reported. Run from the repository root (the
+default model is built on first use, about 3 minutes):
 
-    .venv/bin/python benchmarks/search_overhead.py [--tasks 64] [--model DIR]
+    .venv/bin/python benchmarks/search_overhead.py [--tasks 64] [--model DIR] [--repeats 3]
 
 The last line of output is one JSON object with the headline figures.
 """
