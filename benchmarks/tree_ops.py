@@ -150,17 +150,25 @@ def python_search(priors: list, values: list, c_puct: float, max_depth: int) -> 
     return root, updates
 
 
+def best_of(run, repeats: int):
+    """Best seconds over ``repeats`` calls of ``run()``, and the last call's result. The previous
+    call's objects are freed before each timed call, outside the timed region."""
+    seconds, result = math.inf, None
+    for _ in range(repeats):
+        result = None
+        gc.collect()
+        start = time.perf_counter()
+        result = run()
+        seconds = min(seconds, time.perf_counter() - start)
+    return seconds, result
+
+
 def time_python(priors: np.ndarray, values: np.ndarray, repeats: int):
     """Best seconds over ``repeats`` runs, node updates and the root child visits per tree."""
     # Lists of Python floats are the natural input of pure-Python code; converting is not timed.
     pl, vl = priors.tolist(), values.tolist()
-    seconds = math.inf
-    for _ in range(repeats):
-        results = None
-        gc.collect()  # the previous run's objects are freed outside the timed region
-        start = time.perf_counter()
-        results = [python_search(pl[b], vl[b], C_PUCT, MAX_DEPTH) for b in range(len(pl))]
-        seconds = min(seconds, time.perf_counter() - start)
+    seconds, results = best_of(lambda: [python_search(pl[b], vl[b], C_PUCT, MAX_DEPTH) for b in range(len(pl))],
+                               repeats)
     roots = [[ch.visits for ch in r.children] for r, _ in results]
     return seconds, sum(u for _, u in results), roots
 
@@ -231,13 +239,7 @@ def count_updates(root) -> int:
 
 def time_reasoners(run, priors: np.ndarray, values: np.ndarray, repeats: int):
     pl, vl = priors.tolist(), values.tolist()
-    seconds = math.inf
-    for _ in range(repeats):
-        roots = None
-        gc.collect()
-        start = time.perf_counter()
-        roots = [run(pl[b], vl[b]) for b in range(len(pl))]
-        seconds = min(seconds, time.perf_counter() - start)
+    seconds, roots = best_of(lambda: [run(pl[b], vl[b]) for b in range(len(pl))], repeats)
     return seconds, sum(count_updates(r) for r in roots)
 
 

@@ -355,13 +355,18 @@ class TransformersPolicy:
         # Lengths come from the tokens: a row ends at its first end token (what follows it, from
         # a finished row riding along, is ignored), else at the last step.
         position = torch.arange(cap, device=self.device)[None, :]
-        written = position < steps
+
+        def through_first(table, within, otherwise):
+            """Per row: whether a token in ``table`` occurs where ``within``, and the length up to
+            and including the first one (``otherwise`` where none does)."""
+            hit = table[out_tok] & within
+            found = hit.any(1)
+            return found, torch.where(found, hit.byte().argmax(1) + 1, otherwise)  # argmax: the first True
+
         length = torch.full((n,), steps, dtype=torch.long, device=self.device)
         ended = torch.zeros(n, dtype=torch.bool, device=self.device)
         if ends is not None:
-            hit = ends[out_tok] & written
-            ended = hit.any(1)
-            length = torch.where(ended, hit.byte().argmax(1) + 1, length)  # argmax finds the first True
+            ended, length = through_first(ends, position < steps, length)
         if repeats_cut:  # rows stopped after a repeated head end there, unfinished
             cut_rows = torch.tensor(list(repeats_cut), dtype=torch.long, device=self.device)
             length[cut_rows] = torch.tensor(list(repeats_cut.values()), dtype=torch.long, device=self.device)
@@ -370,8 +375,7 @@ class TransformersPolicy:
         sums = (out_lp * keep_lp).sum(-1, dtype=torch.float64).tolist()
         head, head_sums = length, sums
         if heads is not None:  # up to the first head token, else the whole row
-            hit = heads[out_tok] & keep_lp
-            head = torch.where(hit.any(1), hit.byte().argmax(1) + 1, length)
+            _, head = through_first(heads, keep_lp, length)
             head_sums = (out_lp * (position < head[:, None])).sum(-1, dtype=torch.float64).tolist()
         toks = out_tok[:, :steps].tolist()
         return [(toks[r][:k], sums[r], e, h, head_sums[r], r in repeats_cut)

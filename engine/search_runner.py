@@ -81,9 +81,8 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
         for b, n, group in zip(tree_index.tolist(), node_index.tolist(), samples):
             cands = []
             for s in group:
-                head, _, rest = s.text.partition("\n")
-                text = head + "\n"
-                if not head.strip() or (shared and s.head_tokens > step_max_tokens):
+                text = _line(s.text)
+                if not text.strip() or (shared and s.head_tokens > step_max_tokens):
                     continue
                 env.set_state(tree.states[b][n])
                 _, reward, terminated, truncated, info = env.step(text)
@@ -93,7 +92,7 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
                 cands.append(Candidate(text=text, logprob=s.head_logprob, num_tokens=s.head_tokens,
                                        reward=float(reward), terminal=terminal, state=env.get_state()))
                 if shared and not terminal and not s.duplicate:
-                    continuations.setdefault((b, n, text), []).append(rest)
+                    continuations.setdefault((b, n, text), []).append(s.text.partition("\n")[2])
             out.append(cands)
         return out
 

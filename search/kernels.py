@@ -75,8 +75,7 @@ def _descend_puct(fc, nc, vis, ws, pr, c, path, scores):
 @njit(cache=True, inline="always")
 def _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores):
     """:func:`_descend_puct` for trees in cache: each level first scores all children (a loop
-    without dependences between iterations, which the compiler vectorises) and then takes the
-    argmax (first on ties)."""
+    without dependences between iterations) and then takes the argmax (first on ties)."""
     cap = path.shape[0]
     path[0] = 0
     steps = 0
