@@ -50,6 +50,20 @@ def _tokenize_sft(records: Sequence[dict], encode, max_length: int) -> tuple[lis
     return [Group(ctx[i], [comp[i]]) for i in keep], weights / max(weights.sum(), 1e-12)
 
 
+def tokenize_records(tokenizer, contexts: list[str], continuations: list, sft_records: Sequence[dict],
+                     config: DPOConfig, name: str, *, steps: bool = False):
+    """The groups of a preference trainer (see :func:`tokenize_groups`), the indices of the records
+    kept, the SFT groups and their sampling probabilities (when ``config.sft_weight > 0``), and the
+    summary that starts its result: ``name`` (``pairs`` or ``lists``) counts the groups."""
+    encode = make_encoder(tokenizer)
+    groups, kept, stats = tokenize_groups(contexts, continuations, encode, config.max_length, steps=steps)
+    sft, sft_p = _tokenize_sft(sft_records, encode, config.max_length) if config.sft_weight > 0 else ([], None)
+    summary = {name: len(groups), "truncated": stats.truncated, "skipped": stats.skipped,
+               "context_tokens": stats.context_tokens, "continuation_tokens": stats.continuation_tokens,
+               "steps": []}
+    return groups, kept, sft, sft_p, summary
+
+
 def pair_objective(config: DPOConfig, weights: torch.Tensor, eps: torch.Tensor):
     """Per-record pair loss of ``config.loss`` times the record weights."""
 
@@ -85,13 +99,9 @@ def train_dpo(
         raise ValueError(f"beta must be a positive number, got {config.beta}")
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
-    encode = make_encoder(tokenizer)
-    groups, kept, stats = tokenize_groups([r["prompt"] + r.get("prefix", "") for r in records],
-                                          [(r["chosen"], r["rejected"]) for r in records], encode, config.max_length)
-    sft, sft_p = _tokenize_sft(sft_records, encode, config.max_length) if config.sft_weight > 0 else ([], None)
-    summary = {"pairs": len(groups), "truncated": stats.truncated, "skipped": stats.skipped,
-               "context_tokens": stats.context_tokens, "continuation_tokens": stats.continuation_tokens,
-               "steps": []}
+    groups, kept, sft, sft_p, summary = tokenize_records(
+        tokenizer, [r["prompt"] + r.get("prefix", "") for r in records],
+        [(r["chosen"], r["rejected"]) for r in records], sft_records, config, "pairs")
     if not groups:
         return summary
     weights = torch.tensor([float(records[i].get("weight", 1.0)) for i in kept])

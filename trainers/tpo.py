@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from trainers.collate import tokenize_groups
-from trainers.dpo import _tokenize_sft
-from trainers.loop import DPOConfig, PackedSlice, StepOutput, fit, make_encoder
+from trainers.dpo import tokenize_records
+from trainers.loop import DPOConfig, PackedSlice, StepOutput, fit
 from trainers.losses import adaptive_step_rewards, listwise_loss
 
 __all__ = ["train_tpo", "list_objective"]
@@ -89,13 +88,9 @@ def train_tpo(
         order = np.argsort(-np.asarray(r["scores"], dtype=float), kind="stable")
         ordered.append({**r, "responses": [r["responses"][i] for i in order],
                         "scores": [float(r["scores"][i]) for i in order]})
-    encode = make_encoder(tokenizer)
-    groups, kept, stats = tokenize_groups([r["prompt"] + r.get("prefix", "") for r in ordered],
-                                          [r["responses"] for r in ordered], encode, config.max_length, steps=True)
-    sft, sft_p = _tokenize_sft(sft_records, encode, config.max_length) if config.sft_weight > 0 else ([], None)
-    summary = {"lists": len(groups), "truncated": stats.truncated, "skipped": stats.skipped,
-               "context_tokens": stats.context_tokens, "continuation_tokens": stats.continuation_tokens,
-               "steps": []}
+    groups, kept, sft, sft_p, summary = tokenize_records(
+        tokenizer, [r["prompt"] + r.get("prefix", "") for r in ordered], [r["responses"] for r in ordered],
+        sft_records, config, "lists", steps=True)
     if not groups:
         return summary
     scores = [torch.tensor(ordered[i]["scores"], dtype=torch.float32) for i in kept]
