@@ -13,16 +13,9 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from engine.sampling import HASH_BASE, decode_step, move_rows, sample_inverse_cdf
+
 __all__ = ["Sample", "TransformersPolicy"]
-
-
-def _sample(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``probs`` (``[rows, vocab]``, rows need not sum to 1), as ``[rows, 1]``,
-    by inverse-CDF sampling: exact, and on CPU several times faster than ``torch.multinomial`` for
-    one draw per row. A token of probability 0 is never drawn (its CDF interval is empty)."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), device=probs.device, dtype=cdf.dtype).mul_(cdf[:, -1:])
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
 class _Arena:
@@ -104,7 +97,9 @@ class _BufferLayer(DynamicLayer):
         """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only), then keep the
         first ``rows`` rows."""
         if self.is_initialized:
-            if len(holes):
+            if len(holes) and self._k.device.type == "cpu":
+                move_rows(self._k.numpy(), self._v.numpy(), holes.numpy(), movers.numpy(), self.length)
+            elif len(holes):
                 for buf, filled in ((self._k, self.keys), (self._v, self.values)):
                     buf[:, :, : self.length].index_copy_(0, holes, filled.index_select(0, movers))
             self._k, self._v = self._k[:rows], self._v[:rows]
@@ -173,6 +168,9 @@ class TransformersPolicy:
         self.eos_id = tokenizer.eos_token_id
         self._stop_ids: dict[str, list[int]] = {}
         self._arena = _Arena()  # KV-cache memory reused across generate calls
+        self.fused_cpu_step = True
+        """On the CPU, each decoding step's bookkeeping runs as one numba kernel
+        (:func:`engine.sampling.decode_step`); False uses the tensor form there too."""
 
     # -- helpers -------------------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -304,35 +302,76 @@ class TransformersPolicy:
                 seg_tok.clear()
                 seg_lp.clear()
 
+        # On the CPU one numba kernel does a step's bookkeeping in place (see engine.sampling),
+        # writing tokens straight into out_tok / out_lp; the tensor form keeps them per segment.
+        fused = self.fused_cpu_step and self.device.type == "cpu"
+        if fused:
+            vocab_tables = [(t.numpy() if t is not None else np.zeros(0, np.bool_)) for t in (ends, heads)]
+            out_np = out_tok.numpy(), out_lp.numpy()
+            inv_temperature = 1.0 / temperature if temperature > 0 else 0.0
+            tok_buf = torch.empty((n, 1), dtype=torch.long)
+            closing = np.zeros(n, np.bool_)
+            no_draws = torch.zeros(0)
+
+            def row_views():
+                """NumPy views of the per-row state (they change only when rows leave)."""
+                return rows.numpy(), alive.numpy(), head_open.numpy(), head_hash.numpy()
+
+            views = row_views()
+
+        def judge(at: list[int], at_rows: list[int], hashes: list[int]) -> list[int]:
+            """Of the rows whose heads just closed, those whose head repeats an earlier one of the
+            same prompt (a hash collision only costs a rollout sampled later)."""
+            cut = []
+            for i, r, h in zip(at, at_rows, hashes):
+                if (r // repeats, h) in seen:
+                    cut.append(i)
+                    repeats_cut[r] = steps
+                else:
+                    seen.add((r // repeats, h))
+            return cut
+
         for t in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            if temperature <= 0:
-                tok = logp.argmax(-1, keepdim=True)
-            else:
-                tok = _sample(logp.exp() if temperature == 1.0 else torch.softmax(logits.float() / temperature, dim=-1))
-            seg_tok.append(tok)
-            seg_lp.append(logp.gather(1, tok))
             steps = t + 1
-            if any_open:
-                head_hash = torch.where(head_open, head_hash * 1_000_003 + tok, head_hash)
-                closing = head_open & alive & heads[tok]  # a finished row riding along is not judged
-                if bool(closing.any()):
-                    head_open &= ~closing
-                    at = torch.nonzero(closing[:, 0])[:, 0]
-                    cut = []
-                    for i, r, h in zip(at.tolist(), rows[at].tolist(), head_hash[at, 0].tolist()):
-                        if (r // repeats, h) in seen:  # a hash collision only costs a rollout sampled later
-                            cut.append(i)
-                            repeats_cut[r] = steps
-                        else:
-                            seen.add((r // repeats, h))
+            if fused:
+                tok = tok_buf[: len(rows)]
+                u = torch.rand(len(rows)) if temperature > 0 else no_draws
+                rows_np, alive_np, open_np, hash_np = views
+                n_alive, n_closing = decode_step(logits.float().numpy(), u.numpy(), inv_temperature, rows_np, t,
+                                                 *out_np, alive_np, *vocab_tables, open_np, hash_np, any_open,
+                                                 tok.numpy(), closing)
+                if n_closing:
+                    at = np.flatnonzero(closing)
+                    closing[at] = False
+                    cut = judge(at.tolist(), rows_np[at].tolist(), hash_np[at, 0].tolist())
                     if cut:
-                        alive[cut] = False
-                    any_open = bool((head_open & alive).any())
-            if ends is not None or repeats_cut:
+                        n_alive -= int(alive_np[cut, 0].sum())
+                        alive_np[cut] = False
+                    any_open = bool((open_np & alive_np).any())
+            else:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                if temperature <= 0:
+                    tok = logp.argmax(-1, keepdim=True)
+                else:
+                    tok = sample_inverse_cdf(logp.exp() if temperature == 1.0
+                                             else torch.softmax(logits.float() / temperature, dim=-1))
+                seg_tok.append(tok)
+                seg_lp.append(logp.gather(1, tok))
+                if any_open:
+                    head_hash = torch.where(head_open, head_hash * HASH_BASE + tok, head_hash)
+                    closing = head_open & alive & heads[tok]  # a finished row riding along is not judged
+                    if bool(closing.any()):
+                        head_open &= ~closing
+                        at = torch.nonzero(closing[:, 0])[:, 0]
+                        cut = judge(at.tolist(), rows[at].tolist(), head_hash[at, 0].tolist())
+                        if cut:
+                            alive[cut] = False
+                        any_open = bool((head_open & alive).any())
                 if ends is not None:
                     alive &= ~ends[tok]
-                n_alive = int(alive.sum())
+                if ends is not None or repeats_cut:
+                    n_alive = int(alive.sum())
+            if ends is not None or repeats_cut:
                 if n_alive == 0:
                     break
                 # Finished rows ride along (their tokens are ignored) until a quarter of the batch
@@ -346,6 +385,8 @@ class TransformersPolicy:
                     keep = cache.drop_rows(alive[:, 0])
                     rows, tok, mask, pos, alive = rows[keep], tok[keep], mask[keep], pos[keep], alive[keep]
                     head_hash, head_open = head_hash[keep], head_open[keep]
+                    if fused:
+                        views = row_views()
             if t == max_new_tokens - 1:
                 break
             logits = self.model(input_ids=tok, attention_mask=mask[:, : width + t + 1], position_ids=pos,

@@ -2,7 +2,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.policy import TransformersPolicy, _sample
+from engine.policy import TransformersPolicy
+from engine.sampling import sample_inverse_cdf as _sample
 from engine.tiny_model import BootstrapConfig, bootstrap
 from envs import arithmetic_tasks
 
