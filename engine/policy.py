@@ -170,7 +170,8 @@ class TransformersPolicy:
         self._arena = _Arena()  # KV-cache memory reused across generate calls
         self.fused_cpu_step = True
         """On the CPU, each decoding step's bookkeeping runs as one numba kernel
-        (:func:`engine.sampling.decode_step`); False uses the tensor form there too."""
+        (:func:`engine.sampling.decode_step`); False uses the tensor form there too. (Finished rows'
+        cache entries are moved by :func:`engine.sampling.move_rows` on the CPU either way.)"""
 
     # -- helpers -------------------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -369,9 +370,9 @@ class TransformersPolicy:
                         any_open = bool((head_open & alive).any())
                 if ends is not None:
                     alive &= ~ends[tok]
-                if ends is not None or repeats_cut:
-                    n_alive = int(alive.sum())
             if ends is not None or repeats_cut:
+                if not fused:  # the kernel counts them
+                    n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
                 # Finished rows ride along (their tokens are ignored) until a quarter of the batch

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["HASH_BASE", "decode_step", "sample_inverse_cdf"]
+__all__ = ["HASH_BASE", "decode_step", "move_rows", "sample_inverse_cdf"]
 
 HASH_BASE = 1_000_003
 """Multiplier of the rolling hash of each row's head (see ``unique_heads``)."""
