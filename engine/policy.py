@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -93,12 +94,13 @@ class _BufferLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a _BufferCache repeats its prompt rows in its first update (repeats=)")
 
-    def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
-        """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only), then keep the
-        first ``rows`` rows."""
+    def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int, starts: torch.Tensor) -> None:
+        """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only; on the CPU
+        from each mover's first attended position ``starts``), then keep the first ``rows`` rows."""
         if self.is_initialized:
             if len(holes) and self._k.device.type == "cpu":
-                move_rows(self._k.numpy(), self._v.numpy(), holes.numpy(), movers.numpy(), self.length)
+                move_rows(self._k.numpy(), self._v.numpy(), holes.numpy(), movers.numpy(), starts.numpy(),
+                          self.length)
             elif len(holes):
                 for buf, filled in ((self._k, self.keys), (self._v, self.values)):
                     buf[:, :, : self.length].index_copy_(0, holes, filled.index_select(0, movers))
@@ -113,16 +115,24 @@ class _BufferCache(DynamicCache):
         """``repeats > 1``: the first forward pass (the prompts) fills ``repeats`` rows per prompt."""
         Cache.__init__(self, layer_class_to_replicate=lambda: _BufferLayer(capacity, arena, len(self.layers), repeats))
 
-    def drop_rows(self, alive: torch.Tensor) -> torch.Tensor:
+    def drop_rows(self, alive: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """Keep the rows where ``alive`` (``[rows]`` bool) is True, moving as few as possible: each
         live row past the first ``n`` (``n`` = number alive) fills the place of a finished row among
         them, so the copy is proportional to the rows that finished, not to the rows that remain.
-        Returns the old row index of each remaining row."""
-        n = int(alive.sum())
-        holes = torch.nonzero(~alive[:n])[:, 0]
-        movers = torch.nonzero(alive[n:])[:, 0] + n
+        ``first`` (``[rows]``): each row's first attended position (the attention mask, which
+        moves with the rows, hides what lies before it). Returns the old row index of each
+        remaining row."""
+        if alive.device.type == "cpu":
+            flags = alive.numpy()
+            n = int(flags.sum())
+            holes, movers = (torch.from_numpy(x) for x in (np.flatnonzero(~flags[:n]), np.flatnonzero(flags[n:]) + n))
+        else:
+            n = int(alive.sum())
+            holes = torch.nonzero(~alive[:n])[:, 0]
+            movers = torch.nonzero(alive[n:])[:, 0] + n
+        starts = first[movers]
         for layer in self.layers:
-            layer.fill_holes(holes, movers, n)
+            layer.fill_holes(holes, movers, n, starts)
         order = torch.arange(n, device=alive.device)
         order[holes] = movers
         return order
@@ -174,16 +184,33 @@ class TransformersPolicy:
         cache entries are moved by :func:`engine.sampling.move_rows` on the CPU either way.)"""
 
     # -- helpers -------------------------------------------------------------------------------
+    def _backend(self):
+        """The fast tokenizer's Rust backend when it can be called directly, else None.
+
+        Through the backend, texts are encoded without character offsets (``encode_batch_fast``)
+        and token ids decoded one row at a time, without the type checks that ``batch_decode``
+        runs in Python on every id and without the backend's thread pool: on the CPU, its
+        threads contend with torch's for the cores between two forward passes. The backend is
+        used only where it gives what the tokenizer's own call does: no truncation or padding
+        configured in it, no clean-up of tokenisation spaces."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if (backend is None or backend.truncation is not None or backend.padding is not None
+                or getattr(self.tokenizer, "clean_up_tokenization_spaces", False)):
+            return None
+        return backend
+
     def _encode(self, texts: list[str]) -> list[list[int]]:
+        backend = self._backend()
+        if backend is not None:
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers >= 0.21
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _texts(self, seqs: list[list[int]]) -> list[str]:
-        """``tokenizer.batch_decode(seqs)``. For a fast tokenizer without clean-up of tokenisation
-        spaces this is its Rust backend's ``decode_batch``, called directly: ``batch_decode`` first
-        type-checks every token id in Python, which costs more than the decoding."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
-            return backend.decode_batch(seqs, skip_special_tokens=False)
+        """``tokenizer.batch_decode(seqs)`` (see :meth:`_backend`)."""
+        backend = self._backend()
+        if backend is not None:
+            return [backend.decode(ids, skip_special_tokens=False) for ids in seqs]
         return self.tokenizer.batch_decode(seqs)
 
     def _token_ids_containing(self, stop: str) -> list[int]:
@@ -261,18 +288,20 @@ class TransformersPolicy:
         n0 = len(batch)
         width = max(len(x) for x in batch)
         total = width + max_new_tokens
-        mask0 = torch.zeros((n0, total), dtype=torch.long)
-        input_ids = torch.full((n0, width), self.pad_id, dtype=torch.long)
-        for r, x in enumerate(batch):
-            input_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-            mask0[r, width - len(x) :] = 1  # generated positions are always attended to
-        input_ids, mask0 = input_ids.to(self.device), mask0.to(self.device)
+        lengths = np.fromiter(map(len, batch), np.int64, count=n0)
+        filled = np.arange(width) >= width - lengths[:, None]  # left padding
+        ids_np = np.full((n0, width), self.pad_id, dtype=np.int64)
+        ids_np[filled] = np.fromiter(itertools.chain.from_iterable(batch), np.int64, count=int(lengths.sum()))
+        mask0 = torch.ones((n0, total), dtype=torch.long)  # generated positions are always attended to
+        mask0[:, :width] = torch.from_numpy(filled)
+        input_ids, mask0 = torch.from_numpy(ids_np).to(self.device), mask0.to(self.device)
         positions = (mask0[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache = _BufferCache(total, self._arena, repeats)
         logits = self.model(input_ids=input_ids, attention_mask=mask0[:, :width], position_ids=positions,
-                            use_cache=True, **{self._cache_kw(): cache}).logits[:, -1]
+                            use_cache=True, **{self._cache_kw(): cache}, **self._last_logits_only()).logits[:, -1]
         prompt_row = torch.arange(n0, device=self.device).repeat_interleave(repeats)
-        logits, mask, next_pos = logits[prompt_row], mask0[prompt_row], positions[prompt_row, -1] + 1
+        logits, mask, next_pos = logits[prompt_row], self._step_mask(mask0)[prompt_row], positions[prompt_row, -1] + 1
+        first = torch.from_numpy(width - lengths).to(self.device)[prompt_row]  # each row's first real position
         n = n0 * repeats
         cap = max(max_new_tokens, 1)
         rows = torch.arange(n, device=self.device)  # original row of each batch position
@@ -311,14 +340,16 @@ class TransformersPolicy:
             out_np = out_tok.numpy(), out_lp.numpy()
             inv_temperature = 1.0 / temperature if temperature > 0 else 0.0
             tok_buf = torch.empty((n, 1), dtype=torch.long)
+            tok_np = tok_buf.numpy()  # the kernel writes the first len(rows) rows
             closing = np.zeros(n, np.bool_)
-            no_draws = torch.zeros(0)
+            no_draws = np.zeros(0)
 
             def row_views():
-                """NumPy views of the per-row state (they change only when rows leave)."""
-                return rows.numpy(), alive.numpy(), head_open.numpy(), head_hash.numpy()
+                """The step's token tensor and NumPy views of the per-row state (they change only
+                when rows leave)."""
+                return tok_buf[: len(rows)], rows.numpy(), alive.numpy(), head_open.numpy(), head_hash.numpy()
 
-            views = row_views()
+            tok, *views = row_views()
 
         def judge(at: list[int], at_rows: list[int], hashes: list[int]) -> list[int]:
             """Of the rows whose heads just closed, those whose head repeats an earlier one of the
@@ -335,12 +366,10 @@ class TransformersPolicy:
         for t in range(max_new_tokens):
             steps = t + 1
             if fused:
-                tok = tok_buf[: len(rows)]
-                u = torch.rand(len(rows)) if temperature > 0 else no_draws
+                u = torch.rand(len(rows)).numpy() if temperature > 0 else no_draws
                 rows_np, alive_np, open_np, hash_np = views
-                n_alive, n_closing = decode_step(logits.float().numpy(), u.numpy(), inv_temperature, rows_np, t,
-                                                 *out_np, alive_np, *vocab_tables, open_np, hash_np, any_open,
-                                                 tok.numpy(), closing)
+                n_alive, n_closing = decode_step(logits.float().numpy(), u, inv_temperature, rows_np, t, *out_np,
+                                                 alive_np, *vocab_tables, open_np, hash_np, any_open, tok_np, closing)
                 if n_closing:
                     at = np.flatnonzero(closing)
                     closing[at] = False
@@ -383,14 +412,16 @@ class TransformersPolicy:
                 if n_alive * 4 <= len(rows) * 3:
                     flush()
                     seg_start = steps
-                    keep = cache.drop_rows(alive[:, 0])
+                    keep = cache.drop_rows(alive[:, 0], first)
                     rows, tok, mask, pos, alive = rows[keep], tok[keep], mask[keep], pos[keep], alive[keep]
+                    first = first[keep]
                     head_hash, head_open = head_hash[keep], head_open[keep]
-                    if fused:
-                        views = row_views()
+                    if fused:  # the kept rows' tokens go back into the buffer the kernel writes
+                        tok_buf[: len(rows)] = tok
+                        tok, *views = row_views()
             if t == max_new_tokens - 1:
                 break
-            logits = self.model(input_ids=tok, attention_mask=mask[:, : width + t + 1], position_ids=pos,
+            logits = self.model(input_ids=tok, attention_mask=mask[..., : width + t + 1], position_ids=pos,
                                 use_cache=True, **{cache_kw: cache}).logits[:, -1]
             pos = pos + 1
         flush()
@@ -430,6 +461,31 @@ class TransformersPolicy:
         table = torch.zeros(size, dtype=torch.bool, device=self.device)
         table[torch.tensor(sorted(ids), dtype=torch.long, device=self.device)] = True
         return table
+
+    def _step_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of the decoding steps, from the ``[rows, positions]`` 0/1 ``mask``:
+        for the ``sdpa`` and ``eager`` attention implementations, the ``[rows, 1, 1, positions]``
+        mask they use (boolean, and additive with the dtype's minimum, as ``transformers`` builds
+        them), so that a step's forward pass takes a slice of it as it is instead of building it
+        anew from the 2-D mask (with one query per row, the causal part masks nothing); for
+        other implementations the 2-D mask itself. Either is sliced as ``mask[..., :length]``."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl == "sdpa":
+            return mask.bool()[:, None, None, :]
+        if impl == "eager":
+            dtype = self.model.dtype
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+        return mask
+
+    def _last_logits_only(self) -> dict:
+        """``logits_to_keep=1`` where the model's forward takes it: a prompt pass needs the
+        logits of the last position only (for a large vocabulary, those of every position can
+        take more memory than the whole cache)."""
+        if not hasattr(self, "_logits_kw"):
+            params = inspect.signature(self.model.forward).parameters
+            self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        return self._logits_kw
 
     def _cache_kw(self) -> str:
         """transformers >= 5.x names the forward's cache argument ``cache``; older releases

@@ -59,14 +59,17 @@ def decode_step(logits, u, inv_temperature, rows, t, out_tok, out_lp, alive, end
         total = 0.0
         for j in range(vocab):
             total += np.exp(np.float64(x[j]) - top)
+            cdf[j] = total  # the CDF at temperature 1
         lse = top + np.log(total)
         if inv_temperature <= 0.0:
             k = best
         else:
-            acc = 0.0
-            for j in range(vocab):
-                acc += np.exp((np.float64(x[j]) - top) * inv_temperature)
-                cdf[j] = acc
+            acc = total
+            if inv_temperature != 1.0:
+                acc = 0.0
+                for j in range(vocab):
+                    acc += np.exp((np.float64(x[j]) - top) * inv_temperature)
+                    cdf[j] = acc
             target = u[i] * acc
             k = vocab - 1
             for j in range(vocab):  # the first token whose CDF exceeds the draw
@@ -91,13 +94,14 @@ def decode_step(logits, u, inv_temperature, rows, t, out_tok, out_lp, alive, end
 
 
 @njit(cache=True, nogil=True)
-def move_rows(keys, values, holes, movers, length):
-    """``keys[holes[i], :, :length] = keys[movers[i], :, :length]`` for each ``i``, and the same for
-    ``values`` (``[rows, heads, positions, head_dim]`` arrays): the cache's finished rows refilled
-    by live ones in one pass over the memory moved (the tensor form reads the movers into a new
-    tensor first)."""
+def move_rows(keys, values, holes, movers, starts, length):
+    """``keys[holes[i], :, s:length] = keys[movers[i], :, s:length]`` with ``s = starts[i]``, for
+    each ``i``, and the same for ``values`` (``[rows, heads, positions, head_dim]`` arrays): the
+    cache's finished rows refilled by live ones in one pass over the memory moved (the tensor form
+    reads the movers into a new tensor first). ``starts[i]``: the mover's first position that is
+    attended to (its left padding is masked, so it need not move)."""
     for i in range(holes.shape[0]):
-        h, m = holes[i], movers[i]
+        h, m, s = holes[i], movers[i], starts[i]
         for j in range(keys.shape[1]):
-            keys[h, j, :length] = keys[m, j, :length]
-            values[h, j, :length] = values[m, j, :length]
+            keys[h, j, s:length] = keys[m, j, s:length]
+            values[h, j, s:length] = values[m, j, s:length]

@@ -80,6 +80,8 @@ class MathEnv(gym.Env):
         self._steps: tuple[str, ...] = ()
         self._done = False
         self._wrong_step = 0  # 1-based index of the first false equation, 0 when none
+        self._prompt_of: dict | None = None  # the task whose sanitised prompt is _clean_prompt
+        self._clean_prompt = ""
 
     # -- Gymnasium API -------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -148,7 +150,8 @@ class MathEnv(gym.Env):
 
     def solution_text(self) -> str:
         """The solution written so far (valid lines only), each line ending in a newline."""
-        return "".join(s + "\n" for s in self._steps if s)
+        lines = [s for s in self._steps if s]
+        return "\n".join(lines) + "\n" if lines else ""
 
     # -- helpers -------------------------------------------------------------------------------
     def _num_steps(self) -> int:
@@ -157,7 +160,9 @@ class MathEnv(gym.Env):
     def _obs(self) -> str:
         if self._task is None:
             return ""
-        return _sanitise(self._task["prompt"] + self.solution_text())[:MAX_OBS_CHARS]
+        if self._task is not self._prompt_of:  # solution lines are sanitised as they are taken
+            self._prompt_of, self._clean_prompt = self._task, _sanitise(self._task["prompt"])
+        return (self._clean_prompt + self.solution_text())[:MAX_OBS_CHARS]
 
     @staticmethod
     def _parse_action(action: Any) -> tuple[str, str | None]:

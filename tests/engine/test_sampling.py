@@ -70,12 +70,15 @@ def test_decode_step_ends_rows_and_closes_heads():
 def test_move_rows_equals_index_copy():
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(2, 8, 2, 6, 3, generator=gen)
-    holes, movers = torch.tensor([1, 4]), torch.tensor([6, 7])
+    holes, movers, starts = torch.tensor([1, 4]), torch.tensor([6, 7]), torch.tensor([0, 2])
     want_k, want_v = keys.clone(), values.clone()
     for buf in (want_k, want_v):
         buf[:, :, :4].index_copy_(0, holes, buf[:, :, :4].index_select(0, movers))
-    move_rows(keys.numpy(), values.numpy(), holes.numpy(), movers.numpy(), 4)
-    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    before = keys[4, :, :2].clone()
+    move_rows(keys.numpy(), values.numpy(), holes.numpy(), movers.numpy(), starts.numpy(), 4)
+    assert torch.equal(keys[:, :, 2:], want_k[:, :, 2:]) and torch.equal(values[:, :, 2:], want_v[:, :, 2:])
+    assert torch.equal(keys[1], want_k[1]) and torch.equal(values[1], want_v[1])  # start 0: every filled position
+    assert torch.equal(keys[4, :, :2], before)  # a mover's left padding (before its start) is not copied
     assert not torch.equal(keys[1, :, 4:], keys[6, :, 4:])  # positions past the filled ones are left alone
 
 

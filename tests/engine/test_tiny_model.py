@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,9 +36,11 @@ def test_bootstrap_is_deterministic_and_cached(tmp_path, quick_bootstrap):
     assert other != a and not all(torch.equal(sa[k], so[k]) for k in sa)
 
 
-def test_generate_logprobs_equal_scoring(trained_model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the decoding steps' 4-D masks take each one's form
+def test_generate_logprobs_equal_scoring(trained_model_dir, attention):
     tok = AutoTokenizer.from_pretrained(trained_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(trained_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir, attn_implementation=attention)
+    assert model.config._attn_implementation == attention
     policy = TransformersPolicy(model, tok)
     prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n"]
     torch.manual_seed(0)
@@ -104,6 +107,35 @@ def test_fast_decode_equals_batch_decode(trained_model_dir):
     seqs = [list(np.random.default_rng(i).integers(0, len(policy.tokenizer), 30)) for i in range(8)] + [[]]
     seqs = [[int(t) for t in s] for s in seqs]
     assert policy._texts(seqs) == policy.tokenizer.batch_decode(seqs)
+    texts = ["12+7=19\n#### 19\n", "", "(3*4)-5=7\n", "x\u00e9?"]
+    assert policy._encode(texts) == [list(x) for x in policy.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def test_fast_encode_and_decode_equal_the_tokenizer_on_byte_level_bpe():
+    """The policy's direct calls into the Rust backend give what the tokenizer's own calls give,
+    on a byte-level BPE (merges across spaces, multi-byte characters split over tokens), and the
+    backend is bypassed where the tokenizer would truncate."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Natalia sold 48 clips in April, and half as many in May.",
+              "d\u00e9j\u00e0 vu \u2014 \u65e5\u672c\n"] * 20
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", clean_up_tokenization_spaces=False)
+    policy = TransformersPolicy(None, tokenizer)
+    texts = corpus[:2] + ["  two spaces\n\nand lines", "\u65e5", ""]
+    ids = policy._encode(texts)
+    assert ids == [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert max(len(x) for x in ids) > 1 and policy._backend() is not None
+    assert policy._texts(ids) == tokenizer.batch_decode(ids) == texts
+    split = [x[:1] for x in ids if x]  # a lone byte of a multi-byte character included
+    assert policy._texts(split) == tokenizer.batch_decode(split)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=3)
+    assert policy._backend() is None
 
 
 def test_rows_leaving_the_batch_do_not_change_the_others(trained_model_dir):
