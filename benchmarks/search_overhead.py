@@ -16,7 +16,7 @@ search and the plain sampling take turns ``--repeats`` times (3), so that both s
 the same states, and each one's best (shortest) run is reported. Run from the repository root (the
 default model is built on first use, about 3 minutes):
 
-    .venv/bin/python benchmarks/search_overhead.py [--tasks 64] [--model DIR] [--repeats 3]
+    .venv/bin/python benchmarks/search_overhead.py [--tasks 64] [--model DIR] [--repeats 3] [--device cpu]
 
 The last line of output is one JSON object with the headline figures.
 """
@@ -98,13 +98,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, default=64)
     ap.add_argument("--model", default=None, help="model directory (default: the embedded default)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    ap.add_argument("--device", default="cpu", help="device of the model (cpu, cuda, ...)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs of the search and of plain sampling; each one's best (shortest) run is reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(bootstrap(BootstrapConfig(), log=print))
-    policy = load_policy(model_dir, "cpu")
+    policy = load_policy(model_dir, args.device)
     cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=args.tasks)
     tasks = list(islice(arithmetic_tasks(12345), args.tasks))
     env = MathEnv(max_steps=cfg.max_depth)
