@@ -18,6 +18,11 @@ from engine.sampling import HASH_BASE, decode_step, move_rows, sample_inverse_cd
 
 __all__ = ["Sample", "TransformersPolicy"]
 
+_MASK_AS_GIVEN = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "olmo",
+                            "olmo2", "granite", "phi3", "starcoder2"})
+"""Model types whose forward pass hands its attention mask only to transformers' mask builders,
+which return a 4-D mask as it is (see ``TransformersPolicy._step_mask``)."""
+
 
 class _Arena:
     """Flat tensors kept from one generation to the next, so that the KV cache is written into
@@ -95,10 +100,11 @@ class _BufferLayer(DynamicLayer):
         raise NotImplementedError("a _BufferCache repeats its prompt rows in its first update (repeats=)")
 
     def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int, starts: torch.Tensor) -> None:
-        """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only; on the CPU
-        from each mover's first attended position ``starts``), then keep the first ``rows`` rows."""
+        """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only; on the CPU,
+        in single or double precision, by one numba copy from each mover's first attended position
+        ``starts``), then keep the first ``rows`` rows."""
         if self.is_initialized:
-            if len(holes) and self._k.device.type == "cpu":
+            if len(holes) and self._k.device.type == "cpu" and self._k.dtype in (torch.float32, torch.float64):
                 move_rows(self._k.numpy(), self._v.numpy(), holes.numpy(), movers.numpy(), starts.numpy(),
                           self.length)
             elif len(holes):
@@ -181,7 +187,8 @@ class TransformersPolicy:
         self.fused_cpu_step = True
         """On the CPU, each decoding step's bookkeeping runs as one numba kernel
         (:func:`engine.sampling.decode_step`); False uses the tensor form there too. (Finished rows'
-        cache entries are moved by :func:`engine.sampling.move_rows` on the CPU either way.)"""
+        cache entries are moved by :func:`engine.sampling.move_rows` either way, on the CPU in
+        single or double precision.)"""
 
     # -- helpers -------------------------------------------------------------------------------
     def _backend(self):
@@ -189,8 +196,9 @@ class TransformersPolicy:
 
         Through the backend, texts are encoded without character offsets (``encode_batch_fast``)
         and token ids decoded one row at a time, without the type checks that ``batch_decode``
-        runs in Python on every id and without the backend's thread pool: on the CPU, its
-        threads contend with torch's for the cores between two forward passes. The backend is
+        runs in Python on every id and without the thread pool of the backend's batch decoding:
+        on the CPU, its threads contend with torch's for the cores between two forward passes
+        (decoding does not need it; encoding still uses it). The backend is
         used only where it gives what the tokenizer's own call does: no truncation or padding
         configured in it, no clean-up of tokenisation spaces."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -464,12 +472,22 @@ class TransformersPolicy:
 
     def _step_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The attention mask of the decoding steps, from the ``[rows, positions]`` 0/1 ``mask``:
-        for the ``sdpa`` and ``eager`` attention implementations, the ``[rows, 1, 1, positions]``
-        mask they use (boolean, and additive with the dtype's minimum, as ``transformers`` builds
-        them), so that a step's forward pass takes a slice of it as it is instead of building it
-        anew from the 2-D mask (with one query per row, the causal part masks nothing); for
-        other implementations the 2-D mask itself. Either is sliced as ``mask[..., :length]``."""
-        impl = getattr(self.model.config, "_attn_implementation", None)
+        for the ``sdpa`` and ``eager`` attention implementations of a model with full attention in
+        every layer (of a type listed in ``_MASK_AS_GIVEN``), the ``[rows, 1, 1, positions]`` mask
+        they use (boolean, and additive with the dtype's minimum, as ``transformers`` builds them),
+        so that a step's forward pass takes a slice of it as it is instead of building it anew from
+        the 2-D mask (with one query per row, the causal part masks nothing); otherwise the 2-D
+        mask itself (a sliding window or attention chunks are applied through the mask that
+        transformers builds, and ALiBi models build their bias from the 2-D mask). Either is
+        sliced as ``mask[..., :length]``."""
+        config = self.model.config
+        full_attention = (getattr(config, "model_type", None) in _MASK_AS_GIVEN
+                          and getattr(config, "sliding_window", None) is None
+                          and getattr(config, "attention_chunk_size", None) is None
+                          and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
+        if not full_attention:  # a window, chunks or a bias built from the 2-D mask (ALiBi) need the 2-D mask
+            return mask
+        impl = getattr(config, "_attn_implementation", None)
         if impl == "sdpa":
             return mask.bool()[:, None, None, :]
         if impl == "eager":

@@ -80,7 +80,7 @@ class MathEnv(gym.Env):
         self._steps: tuple[str, ...] = ()
         self._done = False
         self._wrong_step = 0  # 1-based index of the first false equation, 0 when none
-        self._prompt_of: dict | None = None  # the task whose sanitised prompt is _clean_prompt
+        self._prompt_of: str | None = None  # the prompt whose sanitised form is _clean_prompt
         self._clean_prompt = ""
 
     # -- Gymnasium API -------------------------------------------------------------------------
@@ -160,8 +160,9 @@ class MathEnv(gym.Env):
     def _obs(self) -> str:
         if self._task is None:
             return ""
-        if self._task is not self._prompt_of:  # solution lines are sanitised as they are taken
-            self._prompt_of, self._clean_prompt = self._task, _sanitise(self._task["prompt"])
+        prompt = self._task["prompt"]
+        if prompt is not self._prompt_of:  # solution lines are sanitised as they are taken
+            self._prompt_of, self._clean_prompt = prompt, _sanitise(prompt)
         return (self._clean_prompt + self.solution_text())[:MAX_OBS_CHARS]
 
     @staticmethod

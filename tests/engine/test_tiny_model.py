@@ -57,6 +57,41 @@ def test_generate_logprobs_equal_scoring(trained_model_dir, attention):
     assert [g[0].text for g in greedy1] == [g[0].text for g in greedy2[::-1]]  # batching does not change greedy
 
 
+def _random_model(kind: str, vocab_size: int):
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=vocab_size, hidden_size=32, num_attention_heads=4)
+    if kind == "qwen2-sliding-window":  # the window (4) is shorter than prompt + continuation
+        return Qwen2ForCausalLM(Qwen2Config(**small, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                                            use_sliding_window=True, sliding_window=4, max_window_layers=0))
+    if kind == "bloom-alibi":  # builds its position bias from the 2-D mask
+        return BloomForCausalLM(BloomConfig(vocab_size=vocab_size, hidden_size=32, n_head=4, n_layer=2))
+    return LlamaForCausalLM(LlamaConfig(**small, intermediate_size=64, num_hidden_layers=2)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["qwen2-sliding-window", "bloom-alibi", "llama-bf16"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_generate_logprobs_equal_scoring_on_other_architectures(trained_model_dir, kind, attention):
+    """Decoding with the KV cache (rows of different lengths leaving the batch) scores its samples
+    as a full forward pass does, for a sliding window, an ALiBi bias and a bf16 cache on the CPU."""
+    tok = AutoTokenizer.from_pretrained(trained_model_dir)
+    model = _random_model(kind, len(tok)).eval()
+    model.set_attn_implementation(attention)
+    policy = TransformersPolicy(model, tok)
+    prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n", "7\n"]
+    torch.manual_seed(1)
+    samples = policy.generate(prompts, num_samples=4, temperature=1.0, max_new_tokens=14, stop="1")
+    flat = [(p, s) for p, group in zip(prompts, samples) for s in group]
+    lengths = {s.num_tokens for _, s in flat}
+    assert len(lengths) > 2  # rows finished at different steps, so rows left the batch
+    kept = [(p, s) for p, s in flat if s.text.endswith("1") or not s.finished]  # not those ended by EOS
+    assert len(kept) >= 6
+    scored = policy.logprobs([p for p, _ in kept], [s.text for _, s in kept])
+    tolerance = 0.05 * max(lengths) if kind == "llama-bf16" else 1e-3
+    np.testing.assert_allclose(scored, [s.logprob for _, s in kept], atol=tolerance)
+
+
 def test_generate_shares_prompts_across_samples_and_batches(trained_model_dir):
     tok = AutoTokenizer.from_pretrained(trained_model_dir)
     model = AutoModelForCausalLM.from_pretrained(trained_model_dir)

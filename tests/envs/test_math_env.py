@@ -151,3 +151,16 @@ def test_sanitise_matches_the_charset():
     for _ in range(200):
         text = "".join(chr(int(c)) for c in rng.integers(0, 0x3100, 40))
         assert _sanitise(text) == "".join(c if c in TEXT_CHARSET else "?" for c in text)
+
+
+def test_observation_is_the_sanitised_prompt_and_steps_of_the_current_task():
+    env = MathEnv(render_mode="ansi")
+    task = {"prompt": "2+2\x00\n", "answer": "4"}
+    obs, _ = env.reset(options={"task": task})
+    assert obs == "2+2?\n"
+    assert env.step("2+2=4\x07")[0] == "2+2?\n2+2=4?\n"  # a step is sanitised as it is taken
+    task["prompt"] = "3+3\n"  # the same task dict, edited in place
+    assert env.reset(options={"task": task})[0] == "3+3\n"
+    other = (dict(task, prompt="5+5\u00ff\n"), ("5+5=10",), False, 0)
+    env.set_state(other)  # a restored state of another task observes that task's prompt
+    assert env.render() == "5+5\u00ff\n5+5=10\n"
