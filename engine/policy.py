@@ -478,14 +478,17 @@ class TransformersPolicy:
         so that a step's forward pass takes a slice of it as it is instead of building it anew from
         the 2-D mask (with one query per row, the causal part masks nothing); otherwise the 2-D
         mask itself (a sliding window or attention chunks are applied through the mask that
-        transformers builds, and ALiBi models build their bias from the 2-D mask). Either is
-        sliced as ``mask[..., :length]``."""
+        transformers builds, and ALiBi models build their bias from the 2-D mask), as also when no
+        row is padded (transformers then passes no mask, which lets ``sdpa`` keep grouped key and
+        value heads grouped). Either is sliced as ``mask[..., :length]``."""
         config = self.model.config
         full_attention = (getattr(config, "model_type", None) in _MASK_AS_GIVEN
                           and getattr(config, "sliding_window", None) is None
                           and getattr(config, "attention_chunk_size", None) is None
                           and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
         if not full_attention:  # a window, chunks or a bias built from the 2-D mask (ALiBi) need the 2-D mask
+            return mask
+        if bool(mask.all()):  # no padding: transformers passes no mask at all (grouped KV heads stay grouped)
             return mask
         impl = getattr(config, "_attn_implementation", None)
         if impl == "sdpa":
