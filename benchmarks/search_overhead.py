@@ -5,6 +5,8 @@ tasks and reports, measured in the same run:
 
 * the share of wall time spent outside the model's forward passes (tree kernels, environment
   steps, tokenisation, generation bookkeeping); target <= 5%;
+* how the search's forward time splits: prompt passes, and decoding steps of at most 16 rows (the
+  tail of each call, when few rows are still running) with their share of the rows decoded;
 * generated tokens/s during search against plain batched sampling of the same number of tokens
   (``policy.generate`` with no stop, every row running to the token cap); target >= 0.7x. Plain
   sampling runs at two batch sizes: the rows the search requests per ``generate`` call, and the
@@ -43,21 +45,35 @@ from envs import MathEnv, arithmetic_tasks  # noqa: E402
 
 
 class ForwardTimer:
-    """Accumulates wall time spent inside ``model.forward`` (outermost calls only)."""
+    """Accumulates wall time spent inside ``model.forward`` (outermost calls only), and how it
+    splits: prompt passes (more than one position per row), and decoding steps of at most
+    ``SMALL_STEP`` rows with the rows they ran."""
+
+    SMALL_STEP = 16
 
     def __init__(self, model):
-        self.total = 0.0
-        self.calls = 0
         self._start = 0.0
+        self._kind = ""
         self._cuda = next(model.parameters()).is_cuda
-        self.decode_steps = 0
+        self.reset()
         model.register_forward_pre_hook(self._pre, with_kwargs=True)
         model.register_forward_hook(self._post)
 
+    def reset(self):
+        self.total = self.prompt_time = self.small_time = 0.0
+        self.calls = self.decode_steps = self.step_rows = self.small_rows = 0
+
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids")
+        self._kind = "prompt"
         if ids is not None and ids.shape[1] == 1:  # a decoding step (prompt passes have more positions)
             self.decode_steps += 1
+            self.step_rows += ids.shape[0]
+            if ids.shape[0] <= self.SMALL_STEP:
+                self.small_rows += ids.shape[0]
+                self._kind = "small"
+            else:
+                self._kind = "step"
         if self._cuda:
             torch.cuda.synchronize()
         self._start = time.perf_counter()
@@ -65,8 +81,20 @@ class ForwardTimer:
     def _post(self, module, args, output):
         if self._cuda:
             torch.cuda.synchronize()
-        self.total += time.perf_counter() - self._start
+        took = time.perf_counter() - self._start
+        self.total += took
         self.calls += 1
+        if self._kind == "prompt":
+            self.prompt_time += took
+        elif self._kind == "small":
+            self.small_time += took
+
+    def split(self) -> dict:
+        """Shares of the forward time: prompt passes, and small decoding steps with their share of
+        the rows decoded."""
+        total = max(self.total, 1e-12)
+        return {"prompt_passes": self.prompt_time / total, "small_steps": self.small_time / total,
+                "small_steps_rows": self.small_rows / max(self.step_rows, 1)}
 
 
 class CountingPolicy:
@@ -120,13 +148,13 @@ def main() -> None:
     def time_search():
         """The same seeded search each time (identical work): wall, forward time, tokens, requested
         rows per batch, forward passes, nodes, decoded rows per decoding step."""
-        timer.total, timer.calls, timer.decode_steps = 0.0, 0, 0
+        timer.reset()
         counting.reset()
         torch.manual_seed(0)
         t0 = time.perf_counter()
         tree = run_search(counting, env, tasks, cfg)
         return (time.perf_counter() - t0, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
-                int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1))
+                int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split())
 
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
@@ -157,7 +185,7 @@ def main() -> None:
         for key, rows in (("requested", run[3]), ("decoded", run[6])):
             p = time_plain(run[2], max(1, min(policy.batch_size, round(rows))))
             plain[key] = p if plain[key] is None or p[0] < plain[key][0] else plain[key]
-    wall, fwd, tokens, requested, calls, nodes, decoded = best
+    wall, fwd, tokens, requested, calls, nodes, decoded, split = best
     search_tps = tokens / wall
     ratio = {k: search_tps / (p[1] / p[0]) for k, p in plain.items()}
 
@@ -170,11 +198,14 @@ def main() -> None:
         plain_tps = plain[key][1] / plain[key][0]
         print(f"tokens/s during search {search_tps:,.0f} vs plain batched sampling {plain_tps:,.0f} "
               f"at the {key} batch ({rows:.0f} rows): {ratio[key]:.2f}x (target >= 0.7x)")
+    print(f"of the search's forward time: prompt passes {split['prompt_passes']:.0%}, decoding steps of at most "
+          f"{ForwardTimer.SMALL_STEP} rows {split['small_steps']:.0%} (for {split['small_steps_rows']:.1%} of the "
+          f"rows decoded)")
     print(json.dumps({"tasks": args.tasks, "wall_s": wall, "forward_s": fwd,
                       "outside_forward_share": outside, "search_tokens_per_s": search_tps,
                       "plain_tokens_per_s": {k: p[1] / p[0] for k, p in plain.items()},
                       "requested_batch": requested, "decoded_batch": decoded,
-                      "ratio_vs_plain": ratio,
+                      "ratio_vs_plain": ratio, "forward_split": split,
                       "targets_met": {"outside_share": outside <= 0.05,
                                       "tokens_ratio_at_requested_batch": ratio["requested"] >= 0.7,
                                       "tokens_ratio_at_decoded_batch": ratio["decoded"] >= 0.7}}))
