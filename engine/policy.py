@@ -77,9 +77,9 @@ class TransformersPolicy:
         and token ids decoded one row at a time, without the type checks that ``batch_decode``
         runs in Python on every id and without the thread pool of the backend's batch decoding:
         on the CPU, its threads contend with torch's for the cores between two forward passes
-        (decoding does not need it; encoding still uses it). The backend is
-        used only where it gives what the tokenizer's own call does: no truncation or padding
-        configured in it, no clean-up of tokenisation spaces."""
+        (decoding does not need it; encoding still uses it). The backend is used only where it
+        gives what the tokenizer's own call does: no truncation or padding configured in it, no
+        clean-up of tokenisation spaces."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if (backend is None or backend.truncation is not None or backend.padding is not None
                 or getattr(self.tokenizer, "clean_up_tokenization_spaces", False)):
