@@ -378,22 +378,22 @@ class TransformersPolicy:
                 mask == 0, torch.finfo(dtype).min)[:, None, None, :]
         return mask
 
+    def _forward_takes(self, name: str) -> bool:
+        """Whether the model's forward has a parameter ``name`` (its signature read once)."""
+        if not hasattr(self, "_forward_params"):
+            self._forward_params = frozenset(inspect.signature(self.model.forward).parameters)
+        return name in self._forward_params
+
     def _last_logits_only(self) -> dict:
         """``logits_to_keep=1`` where the model's forward takes it: a prompt pass needs the
         logits of the last position only (for a large vocabulary, those of every position can
         take more memory than the whole cache)."""
-        if not hasattr(self, "_logits_kw"):
-            params = inspect.signature(self.model.forward).parameters
-            self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        return self._logits_kw
+        return {"logits_to_keep": 1} if self._forward_takes("logits_to_keep") else {}
 
     def _cache_kw(self) -> str:
         """transformers >= 5.x names the forward's cache argument ``cache``; older releases
         ``past_key_values``."""
-        if not hasattr(self, "_cache_kw_name"):
-            params = inspect.signature(self.model.forward).parameters
-            self._cache_kw_name = "cache" if "cache" in params else "past_key_values"
-        return self._cache_kw_name
+        return "cache" if self._forward_takes("cache") else "past_key_values"
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()
