@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
@@ -119,14 +118,9 @@ class BufferCache(DynamicCache):
         ``first`` (``[rows]``): each row's first attended position (the attention mask, which
         moves with the rows, hides what lies before it). Returns the old row index of each
         remaining row."""
-        if alive.device.type == "cpu":
-            flags = alive.numpy()
-            n = int(flags.sum())
-            holes, movers = (torch.from_numpy(x) for x in (np.flatnonzero(~flags[:n]), np.flatnonzero(flags[n:]) + n))
-        else:
-            n = int(alive.sum())
-            holes = torch.nonzero(~alive[:n])[:, 0]
-            movers = torch.nonzero(alive[n:])[:, 0] + n
+        n = int(alive.sum())
+        holes = torch.nonzero(~alive[:n])[:, 0]
+        movers = torch.nonzero(alive[n:])[:, 0] + n
         starts = first[movers]
         for layer in self.layers:
             layer.fill_holes(holes, movers, n, starts)
