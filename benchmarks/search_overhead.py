@@ -46,7 +46,7 @@ from envs import MathEnv, arithmetic_tasks  # noqa: E402
 
 class ForwardTimer:
     """Accumulates wall time spent inside ``model.forward`` (outermost calls only), and how it
-    splits: prompt passes (more than one position per row), and decoding steps of at most
+    splits: prompt passes (the first forward pass of each batch), and decoding steps of at most
     ``SMALL_STEP`` rows with the rows they ran."""
 
     SMALL_STEP = 16
@@ -66,7 +66,10 @@ class ForwardTimer:
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids")
         self._kind = "prompt"
-        if ids is not None and ids.shape[1] == 1:  # a decoding step (prompt passes have more positions)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        # a decoding step: its cache has seen a forward pass (a prompt pass continuing a context from
+        # the prefix cache runs one position per row too)
+        if ids is not None and cache is not None and cache.layers and not cache.layers[0].prompt_pass:
             self.decode_steps += 1
             self.step_rows += ids.shape[0]
             if ids.shape[0] <= self.SMALL_STEP:
@@ -106,6 +109,7 @@ class CountingPolicy:
 
     def reset(self):
         self.tokens = self.rows = self.calls = 0
+        self.cache = None
 
     def generate(self, prompts, **kw):
         out = self.policy.generate(prompts, **kw)
@@ -121,6 +125,11 @@ class CountingPolicy:
     def logprobs(self, *a, **kw):
         return self.policy.logprobs(*a, **kw)
 
+    def prefix_cache(self, *a, **kw):
+        """The search's prefix cache (kept for its statistics)."""
+        self.cache = self.policy.prefix_cache(*a, **kw)
+        return self.cache
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -128,13 +137,15 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the embedded default)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     ap.add_argument("--device", default="cpu", help="device of the model (cpu, cuda, ...)")
+    ap.add_argument("--prefix-cache-mb", type=int, default=TrainConfig.prefix_cache_mb,
+                    help="the search's prefix cache (0: none, every expansion runs a prompt pass over its context)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs of the search and of plain sampling; each one's best (shortest) run is reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(bootstrap(BootstrapConfig(), log=print))
     policy = load_policy(model_dir, args.device)
-    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=args.tasks)
+    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=args.tasks, prefix_cache_mb=args.prefix_cache_mb)
     tasks = list(islice(arithmetic_tasks(12345), args.tasks))
     env = MathEnv(max_steps=cfg.max_depth)
 
@@ -154,7 +165,8 @@ def main() -> None:
         t0 = time.perf_counter()
         tree = run_search(counting, env, tasks, cfg)
         return (time.perf_counter() - t0, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
-                int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split())
+                int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split(),
+                counting.cache.stats() if counting.cache is not None else None)
 
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
@@ -185,7 +197,7 @@ def main() -> None:
         for key, rows in (("requested", run[3]), ("decoded", run[6])):
             p = time_plain(run[2], max(1, min(policy.batch_size, round(rows))))
             plain[key] = p if plain[key] is None or p[0] < plain[key][0] else plain[key]
-    wall, fwd, tokens, requested, calls, nodes, decoded, split = best
+    wall, fwd, tokens, requested, calls, nodes, decoded, split, cache = best
     search_tps = tokens / wall
     ratio = {k: search_tps / (p[1] / p[0]) for k, p in plain.items()}
 
@@ -201,7 +213,12 @@ def main() -> None:
     print(f"of the search's forward time: prompt passes {split['prompt_passes']:.0%}, decoding steps of at most "
           f"{ForwardTimer.SMALL_STEP} rows {split['small_steps']:.0%} (for {split['small_steps_rows']:.1%} of the "
           f"rows decoded)")
-    print(json.dumps({"tasks": args.tasks, "wall_s": wall, "forward_s": fwd,
+    if cache is None:
+        print("prefix cache: none (--prefix-cache-mb 0)")
+    else:
+        print(f"prefix cache: {cache['hits']} of {cache['hits'] + cache['misses']} contexts found "
+              f"({cache['entries']} stored, {cache['bytes'] / 2**20:.1f} MiB)")
+    print(json.dumps({"tasks": args.tasks, "wall_s": wall, "forward_s": fwd, "prefix_cache": cache,
                       "outside_forward_share": outside, "search_tokens_per_s": search_tps,
                       "plain_tokens_per_s": {k: p[1] / p[0] for k, p in plain.items()},
                       "requested_batch": requested, "decoded_batch": decoded,

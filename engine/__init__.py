@@ -9,6 +9,7 @@ from engine.errors import UsageError
 __all__ = [
     "BootstrapArgs",
     "BootstrapConfig",
+    "PrefixCache",
     "TrainConfig",
     "TransformersPolicy",
     "UsageError",
@@ -24,6 +25,7 @@ _LAZY = {
     "BootstrapConfig": "engine.tiny_model",
     "bootstrap": "engine.tiny_model",
     "TransformersPolicy": "engine.policy",
+    "PrefixCache": "engine.kv_cache",
     "evaluate": "engine.evaluate",
     "load_policy": "engine.loop",
     "train": "engine.loop",

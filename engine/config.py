@@ -130,6 +130,9 @@ class TrainConfig:
     """Torch device for the policy (cpu, cuda, cuda:1, ...)."""
     threads: int = 0
     """CPU threads for torch (0: all cores)."""
+    prefix_cache_mb: int = 1024
+    """Memory (MiB, on the policy's device) for the keys and values of the contexts a search has
+    generated, so that expanding a node skips the prompt pass over its context; 0: none."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.threads < 0:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.prefix_cache_mb < 0:
+        problems.append(f"--prefix-cache-mb must be >= 0, got {cfg.prefix_cache_mb}")
     if cfg.env == "code" and cfg.trainer == "tpo":
         problems.append("--trainer tpo needs ranked lists from a search tree; use it with --env math")
     if cfg.allow_config_change and cfg.resume is None:

@@ -1,17 +1,65 @@
 """The KV cache of :class:`engine.policy.TransformersPolicy`'s decoder: buffers sized for a whole
 generation and reused from one call to the next, written in place, with finished rows leaving by
-a copy proportional to the rows that left."""
+a copy proportional to the rows that left; and :class:`PrefixCache`, the keys and values of
+contexts generated earlier, kept so that a later call continuing one of them skips its prompt
+pass."""
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numba import njit
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from engine.sampling import move_rows
 
-__all__ = ["Arena", "BufferCache", "BufferLayer"]
+__all__ = ["Arena", "BufferCache", "BufferLayer", "PrefixCache", "PrefixEntry"]
+
+
+def _numba_copies(t: torch.Tensor) -> bool:
+    """Whether copies between ``t`` and other CPU tensors run as numba kernels (CPU, single or
+    double precision), rather than as torch indexing."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+def _spans(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``starts[i] : starts[i] + counts[i]`` for each ``i``, one span after another, and
+    the ``i`` of each."""
+    which = np.repeat(np.arange(len(counts)), counts)
+    return which, starts[which] + np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+@njit(cache=True, nogil=True)
+def _copy_out(keys, values, rows, starts, counts, pool_k, pool_v, dst):
+    """``pool[dst[t]] = buffer[rows[i], :, starts[i] + j]`` for the ``j``-th of the ``counts[i]``
+    positions of row ``i``, ``t`` running over all of them in order (keys and values)."""
+    t = 0
+    for i in range(rows.shape[0]):
+        r, s = rows[i], starts[i]
+        for j in range(counts[i]):
+            d = dst[t]
+            t += 1
+            for h in range(keys.shape[1]):
+                for e in range(keys.shape[3]):  # element loops: 2x faster than slice copies this short
+                    pool_k[d, h, e] = keys[r, h, s + j, e]
+                    pool_v[d, h, e] = values[r, h, s + j, e]
+
+
+@njit(cache=True, nogil=True)
+def _copy_in(keys, values, pool_k, pool_v, src, first_rows, slots, repeats):
+    """``buffer[first_rows[t] + r, :, slots[t]] = pool[src[t]]`` for ``r < repeats`` (keys and
+    values)."""
+    for t in range(src.shape[0]):
+        p, row, slot = src[t], first_rows[t], slots[t]
+        for r in range(repeats):
+            for h in range(keys.shape[1]):
+                for e in range(keys.shape[3]):
+                    keys[row + r, h, slot, e] = pool_k[p, h, e]
+                    values[row + r, h, slot, e] = pool_v[p, h, e]
 
 
 class Arena:
@@ -27,7 +75,9 @@ class Arena:
         numel = math.prod(shape)
         flat = self._store.get(key)
         if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self._store[key] = like.new_empty(numel)
+            # zeroed once: a prefilled cache (BufferCache.prefill) leaves masked slots unwritten, and
+            # masked slots must hold finite numbers (a NaN times a zero attention weight is NaN)
+            flat = self._store[key] = like.new_zeros(numel)
         return flat[:numel].view(shape)
 
 
@@ -44,25 +94,62 @@ class BufferLayer(DynamicLayer):
         self.capacity, self.arena, self.index, self.repeats = int(capacity), arena, index, int(repeats)
         self.length = 0
         self.side = 0
+        self.prompt_pass = True
+        self._load = None
 
     def _buffers(self, side: int, rows: int, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int):
         k = self.arena.tensor((self.index, "k", side), (rows, like_k.shape[1], capacity, like_k.shape[-1]), like_k)
         v = self.arena.tensor((self.index, "v", side), (rows, like_v.shape[1], capacity, like_v.shape[-1]), like_v)
         return k, v
 
+    def allocate(self, rows: int, like_k: torch.Tensor, like_v: torch.Tensor, length: int = 0,
+                 load: tuple | None = None) -> None:
+        """Take buffers for ``rows`` rows (heads, head size, dtype and device as ``like_k`` /
+        ``like_v``); the first ``length`` positions count as filled, by ``load`` (see
+        :meth:`BufferCache.prefill`) at the first update."""
+        self.device = like_k.device
+        self._k, self._v = self._buffers(0, rows, like_k, like_v, max(self.capacity, length))
+        self.length = int(length)
+        self.is_initialized = True
+        self._load = load
+        self._views()
+
+    def _load_prefix(self, pool_k, pool_v, src, first_rows, slots) -> None:
+        """Write pool tokens ``src`` at positions ``slots`` of rows ``first_rows`` and the
+        ``repeats - 1`` rows after each."""
+        if _numba_copies(self._k):
+            _copy_in(self._k.numpy(), self._v.numpy(), pool_k.numpy(), pool_v.numpy(), src, first_rows, slots,
+                     self.repeats)
+            return
+        device = self._k.device
+        rows = torch.from_numpy(first_rows[:, None] + np.arange(self.repeats)).to(device)  # [tokens, repeats]
+        at = torch.from_numpy(np.broadcast_to(slots[:, None], rows.shape).copy()).to(device)
+        src = torch.from_numpy(src).to(device)
+        self._k.transpose(1, 2)[rows, at] = pool_k[src][:, None]
+        self._v.transpose(1, 2)[rows, at] = pool_v[src][:, None]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.device = key_states.device
-            rows, length = key_states.shape[0], key_states.shape[-2]
-            self._k, self._v = self._buffers(0, rows * self.repeats, key_states, value_states,
-                                             max(self.capacity, length))
-            self.is_initialized = True
-            if self.repeats > 1:  # the prompt pass: its keys and values written straight into each sample's row
-                self._k[:, :, :length].unflatten(0, (rows, self.repeats))[:] = key_states[:, None]
-                self._v[:, :, :length].unflatten(0, (rows, self.repeats))[:] = value_states[:, None]
-                self.length = length
-                self._views()
-                return key_states, value_states  # the prompt pass attends within its own rows
+            self.allocate(key_states.shape[0] * self.repeats, key_states, value_states)
+        if self._load is not None:
+            # the stored prefix's keys and values go in at this layer's first update, inside the
+            # forward pass that reads them (as a paged-attention kernel reads them from its pool)
+            self._load_prefix(*self._load)
+            self._load = None
+        if self.prompt_pass and self.repeats > 1:
+            # the prompt pass: its keys and values written straight into each sample's row; it
+            # attends within its own rows, to what was prefilled before it as well
+            self.prompt_pass = False
+            rows, start = key_states.shape[0], self.length
+            end = start + key_states.shape[-2]
+            self._k[:, :, start:end].unflatten(0, (rows, self.repeats))[:] = key_states[:, None]
+            self._v[:, :, start:end].unflatten(0, (rows, self.repeats))[:] = value_states[:, None]
+            self.length = end
+            self._views()
+            if start == 0:
+                return key_states, value_states
+            return self.keys[:: self.repeats], self.values[:: self.repeats]  # each prompt's first row
+        self.prompt_pass = False
         end = self.length + key_states.shape[-2]
         if end > self._k.shape[2]:  # more tokens than planned for: move to a larger buffer
             side = 1 - self.side
@@ -94,7 +181,7 @@ class BufferLayer(DynamicLayer):
         in single or double precision, by one numba copy from each mover's first attended position
         ``starts``), then keep the first ``rows`` rows."""
         if self.is_initialized:
-            if len(holes) and self._k.device.type == "cpu" and self._k.dtype in (torch.float32, torch.float64):
+            if len(holes) and _numba_copies(self._k):
                 move_rows(self._k.numpy(), self._v.numpy(), holes.numpy(), movers.numpy(), starts.numpy(),
                           self.length)
             elif len(holes):
@@ -110,6 +197,39 @@ class BufferCache(DynamicCache):
     def __init__(self, capacity: int, arena: Arena, repeats: int = 1):
         """``repeats > 1``: the first forward pass (the prompts) fills ``repeats`` rows per prompt."""
         Cache.__init__(self, layer_class_to_replicate=lambda: BufferLayer(capacity, arena, len(self.layers), repeats))
+        self.repeats = int(repeats)
+
+    def prefill(self, rows: int, length: int, prefixes: PrefixCache,
+                parts: list[tuple[int, int, PrefixEntry, int]]) -> None:
+        """Before the first forward pass: every layer's buffers for ``rows`` rows (``repeats`` per
+        prompt), their first ``length`` positions counted as filled. ``parts``: ``(prompt, slot,
+        entry, count)``, the first ``count`` positions of ``entry`` (in ``prefixes``) go from
+        position ``slot`` into each of the prompt's rows; each layer copies them in at its first
+        update, all in one copy. Positions not written are masked (padding)."""
+        rep = self.layer_class_to_replicate
+        part, slots = _spans(np.array([s for _, s, _, _ in parts]), np.array([count for *_, count in parts]))
+        src = np.concatenate([entry.tokens[:count] for _, _, entry, count in parts])
+        first_rows = np.array([prompt for prompt, *_ in parts])[part] * self.repeats
+        for pool_k, pool_v in prefixes.pools:
+            layer = rep()
+            self.layers.append(layer)
+            layer.allocate(rows, pool_k[None].transpose(1, 2), pool_v[None].transpose(1, 2), length,
+                           load=(pool_k, pool_v, src, first_rows, slots))
+
+    def copy_out(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                 pools: list[tuple[torch.Tensor, torch.Tensor]], dst: np.ndarray) -> None:
+        """Copy positions ``starts[i] : starts[i] + counts[i]`` of each row ``rows[i]``, row after
+        row, into the pool slots ``dst`` of each layer's ``(keys, values)`` pools."""
+        for layer, (pool_k, pool_v) in zip(self.layers, pools):
+            if _numba_copies(layer._k):
+                _copy_out(layer._k.numpy(), layer._v.numpy(), rows, starts, counts, pool_k.numpy(), pool_v.numpy(),
+                          dst)
+                continue
+            which, at = _spans(starts, counts)
+            device = layer._k.device
+            r, a, d = (torch.from_numpy(x).to(device) for x in (rows[which], at, dst))
+            pool_k[d] = layer._k.transpose(1, 2)[r, a]
+            pool_v[d] = layer._v.transpose(1, 2)[r, a]
 
     def drop_rows(self, alive: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """Keep the rows where ``alive`` (``[rows]`` bool) is True, moving as few as possible: each
@@ -127,3 +247,186 @@ class BufferCache(DynamicCache):
         order = torch.arange(n, device=alive.device)
         order[holes] = movers
         return order
+
+
+@dataclass(frozen=True, eq=False)
+class PrefixEntry:
+    """A context's token ids, and where the keys and values of all of them but the last lie in its
+    :class:`PrefixCache`'s token pools."""
+
+    ids: tuple[int, ...]
+    tokens: np.ndarray
+    """Pool slots of the first ``len(ids) - 1`` tokens' keys and values, in order."""
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class PrefixCache:
+    """Keys and values of contexts generated earlier, by their text, up to ``max_bytes`` (the
+    least recently used go first).
+
+    :meth:`engine.policy.TransformersPolicy.generate` given one (``prefix_cache=``) stores each
+    sample's context extended by its head (or by its text up to the stop), and a later call whose
+    prompt is such a text runs only its last token through the model instead of the whole prompt.
+    Search makes one per search: each round's nodes are the contexts of the next. A reused context
+    is conditioned on the tokens that were sampled, which can differ from a fresh tokenisation of
+    its text (never for character-level vocabularies). The entries hold for the weights they were
+    computed with only: make a new cache after the weights change.
+
+    Keys and values live in one pool of token slots per layer (``[slots, heads, head_dim]``, grown
+    by doubling up to ``max_bytes``); an entry lists its tokens' slots, and a context stored from
+    the continuation of another shares that one's slots (slots are reference-counted), so that
+    storing a child copies only the tokens it adds."""
+
+    def __init__(self, model, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.model = model
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()
+        self.pools: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._refs = np.zeros(0, np.int32)  # entries (and pending rows) holding each slot
+        self._free = np.zeros(0, np.int64)  # a stack of the free slots, its top at _top
+        self._top = 0
+        self.token_bytes = 0
+        self.hits = self.misses = self.stored = self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, text: str) -> bool:
+        return text in self._entries
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the slots in use."""
+        return int((self._refs > 0).sum()) * self.token_bytes
+
+    def get(self, text: str) -> PrefixEntry | None:
+        """The entry for context ``text`` (counted as a hit or a miss), or None."""
+        entry = self._entries.get(text)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(text)
+        return entry
+
+    def store_rows(self, cache: BufferCache, at: np.ndarray, tokens: np.ndarray, kept_end: np.ndarray,
+                   ends: np.ndarray | None, first: np.ndarray, width: int, entries: list[PrefixEntry | None]
+                   ) -> list[tuple[int, np.ndarray] | None]:
+        """Store the contexts of the generating rows at batch positions ``at`` of ``cache``: each
+        row's prompt (right-aligned at ``width``, its first position ``first``) and its tokens
+        (``tokens``, a row each) up to and including the first in ``kept_end`` (a boolean table
+        over the vocabulary), when that comes no later than the first in ``ends``. ``entries``:
+        each row's prompt's entry, if it had one: its slots are shared, and only the rest is
+        copied. Returns per row ``(tokens kept, slots)``, or None (no such token, or no room)."""
+        hit = kept_end[tokens]
+        kept = hit.argmax(1) + 1  # tokens up to and including the first kept_end token
+        ok = hit.any(1)
+        if ends is not None:
+            end_hit = ends[tokens]
+            ok &= ~end_hit.any(1) | (kept <= end_hit.argmax(1) + 1)
+        out: list[tuple[int, np.ndarray] | None] = [None] * len(at)
+        if not ok.any():
+            return out
+        which = np.flatnonzero(ok)
+        # a prompt's entry holds all its tokens but the last: the copy starts at that one
+        found = [entries[i] for i in which.tolist()]
+        starts = np.where([e is not None for e in found], width - 1, first[which])
+        shared = [e.tokens if e is not None else np.zeros(0, np.int64) for e in found]
+        slots = self.store(cache, at[which], starts, width + kept[which] - 1 - starts, shared)
+        for i, k, held in zip(which.tolist(), kept[which].tolist(), slots):
+            if held is not None:
+                out[i] = (k, held)
+        return out
+
+    def store(self, cache: BufferCache, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+              shared: list[np.ndarray]) -> list[np.ndarray | None]:
+        """Copy positions ``starts[i] : starts[i] + counts[i]`` of rows ``rows[i]`` of ``cache``
+        into the pools. Each context's slots are ``shared[i]`` (slots of a stored context it
+        continues, or empty) followed by its own; None for a context that does not fit. The slots
+        are held until :meth:`put` keeps them or :meth:`release` gives them back."""
+        if not self.pools:
+            self.pools = [(layer._k.new_empty((0, layer._k.shape[1], layer._k.shape[3])),
+                           layer._v.new_empty((0, layer._v.shape[1], layer._v.shape[3]))) for layer in cache.layers]
+            self.token_bytes = sum(t.shape[1] * t.shape[2] * t.element_size() for kv in self.pools for t in kv)
+        for held in shared:
+            self.hold(held)  # before any eviction below can free them
+        n, ends = len(counts), np.cumsum(counts)
+        if not self._make_room(int(ends[-1])):  # only the first contexts fit
+            fit = int(np.searchsorted(ends, self._top, side="right"))
+            for held in shared[fit:]:
+                self.release(held)
+            rows, starts, counts, shared, ends = rows[:fit], starts[:fit], counts[:fit], shared[:fit], ends[:fit]
+            if not fit:
+                return [None] * n
+        total = int(ends[-1])
+        slots = self._free[self._top - total : self._top][::-1].copy()
+        self._top -= total
+        self._refs[slots] = 1
+        cache.copy_out(rows, starts, counts, self.pools, slots)
+        kept = [np.concatenate([held, slots[end - n : end]]) for held, n, end in zip(shared, counts.tolist(), ends)]
+        return kept + [None] * (n - len(kept))
+
+    def _make_room(self, n: int) -> bool:
+        """At least ``n`` free slots: grow the pools (doubling, up to ``max_bytes``), else drop the
+        least recently used entries. False when even that cannot."""
+        capacity = len(self._refs)
+        limit = self.max_bytes // max(self.token_bytes, 1)
+        if self._top < n and capacity < limit:
+            grown = min(limit, max(2 * capacity, capacity + n - self._top, 1024))
+            self.pools = [(torch.cat([k, k.new_empty((grown - capacity, *k.shape[1:]))]),
+                           torch.cat([v, v.new_empty((grown - capacity, *v.shape[1:]))])) for k, v in self.pools]
+            self._refs = np.concatenate([self._refs, np.zeros(grown - capacity, np.int32)])
+            new = np.arange(grown - 1, capacity - 1, -1, dtype=np.int64)  # lowest slots on top of the stack
+            self._free = np.concatenate([self._free[: self._top], new])
+            self._top = len(self._free)
+        while self._top < n and self._entries:
+            _, old = self._entries.popitem(last=False)
+            self.release(old.tokens)
+            self.evicted += 1
+        return self._top >= n
+
+    def hold(self, tokens: np.ndarray) -> None:
+        """Take one more hold on the slots ``tokens`` (an entry in use must keep its slots even if
+        it is evicted meanwhile); :meth:`release` gives it back."""
+        self._refs[tokens] += 1
+
+    def release(self, tokens: np.ndarray) -> None:
+        """Give back one hold on each of the slots ``tokens``."""
+        self._refs[tokens] -= 1
+        freed = tokens[self._refs[tokens] == 0]
+        if len(freed):
+            if self._top + len(freed) > len(self._free):
+                self._free = np.concatenate([self._free, np.zeros(len(freed), np.int64)])
+            self._free[self._top : self._top + len(freed)] = freed
+            self._top += len(freed)
+
+    def keep(self, contexts: list[tuple[str, list[int], str, np.ndarray]], stop: str, decode) -> None:
+        """Keep stored contexts ``(prompt, token ids, sample text, slots)`` (see :meth:`store_rows`),
+        each keyed by its text, the prompt and the sample's text up to and including the first
+        ``stop``, when its ids decode (``decode``: lists of ids -> texts) to exactly that (a token
+        that runs on past the stop does not); the others' slots are released."""
+        for (prompt, ids, sample, slots), full in zip(contexts, decode([ids for _, ids, _, _ in contexts])):
+            head = full[len(prompt):]
+            spelled = full.startswith(prompt) and head.endswith(stop) and stop not in head[: -len(stop)]
+            if spelled and sample.startswith(head):
+                self.put(full, PrefixEntry(tuple(ids), slots))
+            else:
+                self.release(slots)
+
+    def put(self, text: str, entry: PrefixEntry) -> None:
+        """Keep ``entry`` for context ``text``, its slots held by it; a text already kept keeps its
+        entry (the new one's slots are released)."""
+        if text in self._entries:
+            self.release(entry.tokens)
+            return
+        self._entries[text] = entry
+        self.stored += 1
+
+    def stats(self) -> dict:
+        return {"entries": len(self._entries), "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
+                "stored": self.stored, "evicted": self.evicted}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.kv_cache import Arena, BufferCache
+from engine.kv_cache import Arena, BufferCache, PrefixCache, PrefixEntry
 from engine.sampling import HASH_BASE, decode_step, sample_inverse_cdf
 
 __all__ = ["Sample", "TransformersPolicy"]
@@ -121,6 +121,7 @@ class TransformersPolicy:
         stop: str | None = "\n",
         head_stop: str | None = None,
         unique_heads: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ) -> list[list[Sample]]:
         """``num_samples`` continuations of each prompt (greedy when ``temperature == 0``), each
         ended by ``stop`` (kept in the text), end-of-sequence (dropped) or ``max_new_tokens``.
@@ -130,15 +131,43 @@ class TransformersPolicy:
         line, while it runs on to the end of the solution).
         With ``unique_heads`` as well, only the first sample of a prompt to finish a given head
         runs on past it; a later one with the same head stops there (``Sample.duplicate``), as its
-        continuation would only repeat a draw from the same distribution."""
+        continuation would only repeat a draw from the same distribution.
+        With a ``prefix_cache`` (see :meth:`prefix_cache`), a prompt found in it skips its prompt
+        pass (only its last token is run), and each sample's prompt extended by its head (with
+        ``head_stop``; else by its text, when it ended on ``stop``) is stored in it."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        ids = self._encode(list(prompts))
+        prompts = list(prompts)
+        entries: list[PrefixEntry | None] = [None] * len(prompts)
+        if prefix_cache is not None:
+            if prefix_cache.model is not self.model:
+                raise ValueError("prefix_cache was made for another model; make one with policy.prefix_cache()")
+            entries = [prefix_cache.get(p) for p in prompts]
+            for e in entries:  # kept while they are read, even if evicted meanwhile
+                if e is not None:
+                    prefix_cache.hold(e.tokens)
+        try:
+            return self._generate(prompts, entries, num_samples, temperature, max_new_tokens, stop, head_stop,
+                                  unique_heads, prefix_cache)
+        finally:
+            for e in entries:
+                if e is not None:
+                    prefix_cache.release(e.tokens)
+
+    def _generate(self, prompts, entries, num_samples, temperature, max_new_tokens, stop, head_stop, unique_heads,
+                  prefix_cache) -> list[list[Sample]]:
+        missing = [i for i, e in enumerate(entries) if e is None]
+        encoded = iter(self._encode([prompts[i] for i in missing]) if missing else ())
+        ids = [list(e.ids) if e is not None else next(encoded) for e in entries]
         end_ids = set(self._token_ids_containing(stop)) if stop else set()
         if self.eos_id is not None:
             end_ids.add(int(self.eos_id))
         ends = self._token_table(end_ids) if end_ids else None
         heads = self._token_table(self._token_ids_containing(head_stop)) if head_stop else None
+        kept_stop = head_stop or stop  # what ends the part of a sample stored with its prompt
+        kept_end = None
+        if prefix_cache is not None and kept_stop:
+            kept_end = heads if head_stop else self._token_table(self._token_ids_containing(stop))
         # longest first, so prompts of similar length share a batch and padding stays small
         order = np.argsort([-len(x) for x in ids], kind="stable")
         per_batch = max(1, self.batch_size // num_samples)
@@ -146,20 +175,34 @@ class TransformersPolicy:
         self.model.eval()
         for start in range(0, len(order), per_batch):
             chunk = order[start : start + per_batch]
+            saved: dict = {}
             decoded = self._decode([ids[i] for i in chunk], repeats=num_samples, max_new_tokens=int(max_new_tokens),
                                    temperature=float(temperature), ends=ends, heads=heads,
-                                   unique_heads=bool(unique_heads and heads is not None and num_samples > 1))
+                                   unique_heads=bool(unique_heads and heads is not None and num_samples > 1),
+                                   prefix_cache=prefix_cache, prefixes=[entries[i] for i in chunk],
+                                   kept_end=kept_end, saved=saved)
             texts = self._texts([toks[:-1] if toks and self.eos_id is not None and toks[-1] == self.eos_id else toks
                                  for toks, *_ in decoded])  # the end-of-sequence token is dropped
             for row, (text, (toks, lp, finished, head_len, head_lp, dup)) in enumerate(zip(texts, decoded)):
                 if stop and stop in text:
                     text = text[: text.index(stop) + len(stop)]
+                texts[row] = text
                 results[chunk[row // num_samples]].append(Sample(text, lp, len(toks), finished, head_len, head_lp,
                                                                  dup))
+            if saved:  # each row's prompt extended by its kept tokens, keyed by their text
+                prefix_cache.keep([(prompts[chunk[r // num_samples]], ids[chunk[r // num_samples]] + decoded[r][0][:k],
+                                    texts[r], slots) for r, (k, slots) in saved.items()], kept_stop, self._texts)
         return results
 
+    def prefix_cache(self, max_bytes: int = 1 << 30) -> PrefixCache:
+        """A new :class:`engine.kv_cache.PrefixCache` for :meth:`generate` with this model (up to
+        ``max_bytes`` of keys and values; valid while the weights stay as they are)."""
+        return PrefixCache(self.model, max_bytes)
+
     def _decode(self, batch: list[list[int]], *, repeats: int, max_new_tokens: int, temperature: float,
-                ends: torch.Tensor | None, heads: torch.Tensor | None = None, unique_heads: bool = False
+                ends: torch.Tensor | None, heads: torch.Tensor | None = None, unique_heads: bool = False,
+                prefix_cache: PrefixCache | None = None, prefixes: list[PrefixEntry | None] | None = None,
+                kept_end: torch.Tensor | None = None, saved: dict | None = None
                 ) -> list[tuple[list[int], float, bool, int, float, bool]]:
         """Sample ``repeats`` continuations of each prompt in ``batch`` with a KV cache (rows
         ``i * repeats ... i * repeats + repeats - 1`` continue prompt ``i``). Each prompt is run
@@ -171,7 +214,14 @@ class TransformersPolicy:
         token ids, the sum of their log-probabilities at temperature 1, whether it ended on an
         end token, the number of tokens up to the first token in ``heads`` (all when none is,
         or ``heads`` is None) with the sum of their log-probabilities, and whether it was stopped
-        after its head for repeating an earlier row's head (``unique_heads``)."""
+        after its head for repeating an earlier row's head (``unique_heads``).
+        ``prefixes``: per prompt, an entry of ``prefix_cache`` holding its keys and values but the
+        last token's, or None; the prompt pass then runs only the positions that no entry covers.
+        ``kept_end`` (a token table) and ``saved`` (a dict): each row whose tokens reach one in
+        ``kept_end`` (before any end token; rows stopped as repeats excepted) has the keys and
+        values of its prompt and tokens up to that one, but the last, copied into ``prefix_cache``
+        before it leaves the batch, as ``saved[row] = (tokens kept, pool slots)`` (the slots of
+        its prompt's entry are shared, not copied)."""
         n0 = len(batch)
         width = max(len(x) for x in batch)
         total = width + max_new_tokens
@@ -184,8 +234,16 @@ class TransformersPolicy:
         input_ids, mask0 = torch.from_numpy(ids_np).to(self.device), mask0.to(self.device)
         positions = (mask0[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache = BufferCache(total, self._arena, repeats)
-        logits = self.model(input_ids=input_ids, attention_mask=mask0[:, :width], position_ids=positions,
-                            use_cache=True, **{self._cache_kw(): cache}, **self._last_logits_only()).logits[:, -1]
+        window = width  # the positions the prompt pass runs: those no prefix entry covers
+        if prefixes is not None and any(e is not None for e in prefixes):
+            window = max(1 if e is not None else int(k) for e, k in zip(prefixes, lengths))
+            if window < width:
+                cache.prefill(n0 * repeats, width - window, prefix_cache, [
+                    (i, width - int(k), e, int(k) - window) for i, (e, k) in enumerate(zip(prefixes, lengths))
+                    if e is not None and k > window])
+        logits = self.model(input_ids=input_ids[:, width - window :], attention_mask=mask0[:, :width],
+                            position_ids=positions[:, width - window :], use_cache=True,
+                            **{self._cache_kw(): cache}, **self._last_logits_only()).logits[:, -1]
         prompt_row = torch.arange(n0, device=self.device).repeat_interleave(repeats)
         logits, mask, next_pos = logits[prompt_row], self._step_mask(mask0)[prompt_row], positions[prompt_row, -1] + 1
         first = torch.from_numpy(width - lengths).to(self.device)[prompt_row]  # each row's first real position
@@ -237,6 +295,24 @@ class TransformersPolicy:
                 return tok_buf[: len(rows)], rows.numpy(), alive.numpy(), head_open.numpy(), head_hash.numpy()
 
             tok, *views = row_views()
+
+        if kept_end is not None and prefix_cache is not None:
+            kept_np = kept_end.cpu().numpy()
+            ends_np = ends.cpu().numpy() if ends is not None else None
+
+        def save(at: torch.Tensor) -> None:
+            """Copy out the keys and values kept from the rows at batch positions ``at`` (see
+            ``saved`` above), before they are overwritten."""
+            at_np = at.cpu().numpy()
+            row_np = rows.cpu().numpy()[at_np]
+            new = [j for j, r in enumerate(row_np.tolist()) if r not in saved and r not in repeats_cut]
+            if not new:
+                return
+            at_np, row_np = at_np[new], row_np[new]
+            toks = out_tok[torch.from_numpy(row_np).to(self.device), :steps].cpu().numpy()
+            kept = prefix_cache.store_rows(cache, at_np, toks, kept_np, ends_np, first.cpu().numpy()[at_np], width,
+                                           [prefixes[r // repeats] if prefixes else None for r in row_np.tolist()])
+            saved.update((r, k) for r, k in zip(row_np.tolist(), kept) if k is not None)
 
         def judge(at: list[int], at_rows: list[int], hashes: list[int]) -> list[int]:
             """Of the rows whose heads just closed, those whose head repeats an earlier one of the
@@ -299,6 +375,8 @@ class TransformersPolicy:
                 if n_alive * 4 <= len(rows) * 3:
                     flush()
                     seg_start = steps
+                    if kept_end is not None and prefix_cache is not None:
+                        save(torch.nonzero(~alive[:, 0])[:, 0])
                     keep = cache.drop_rows(alive[:, 0], first)
                     rows, tok, mask, pos, alive = rows[keep], tok[keep], mask[keep], pos[keep], alive[keep]
                     first = first[keep]
@@ -312,6 +390,8 @@ class TransformersPolicy:
                                 use_cache=True, **{cache_kw: cache}).logits[:, -1]
             pos = pos + 1
         flush()
+        if kept_end is not None and prefix_cache is not None:
+            save(torch.arange(len(rows), device=self.device))
         # Lengths come from the tokens: a row ends at its first end token (what follows it, from
         # a finished row riding along, is ignored), else at the last step.
         position = torch.arange(cap, device=self.device)[None, :]

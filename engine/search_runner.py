@@ -52,8 +52,15 @@ def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
     return reward, [c.text for c in steps]
 
 
+def _cache_kw(prefix_cache) -> dict:
+    """``generate``'s ``prefix_cache`` argument, left out when there is none (policies without
+    prefix caching need not take it)."""
+    return {} if prefix_cache is None else {"prefix_cache": prefix_cache}
+
+
 def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, temperature: float,
-                   step_max_tokens: int, continuations: dict | None = None, max_new_tokens: int = 0):
+                   step_max_tokens: int, continuations: dict | None = None, max_new_tokens: int = 0,
+                   prefix_cache=None):
     """``expand_fn`` for :func:`search.mcts`: K sampled next lines per node, in one batched call,
     each stepped through ``env`` for its reward, terminal flag and state. A line longer than
     ``step_max_tokens`` tokens is not a step.
@@ -65,18 +72,22 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
     sample of the policy given the context and the step, exactly what a separate rollout call would
     draw; sharing saves that call, its prompt pass over every child's context, and the idle rows of
     a batch that waits at each step for its longest line. A sample whose first line repeats an
-    earlier one's (the two become one child) stops after it (``unique_heads``)."""
+    earlier one's (the two become one child) stops after it (``unique_heads``). With a
+    ``prefix_cache`` (``policy.prefix_cache()``), the contexts of the children are kept with their
+    keys and values, so that expanding a child later skips the prompt pass over its context."""
     shared = continuations is not None
+    cache_kw = _cache_kw(prefix_cache)
 
     def expand_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> list[list[Candidate]]:
         contexts = [prompts[b] + tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
         if shared:
             continuations.clear()  # left over from candidates that were dropped or merged
             samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, stop=None, head_stop="\n", unique_heads=True)
+                                      max_new_tokens=max_new_tokens, stop=None, head_stop="\n", unique_heads=True,
+                                      **cache_kw)
         else:
             samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
-                                      max_new_tokens=step_max_tokens, stop="\n")
+                                      max_new_tokens=step_max_tokens, stop="\n", **cache_kw)
         out = []
         for b, n, group in zip(tree_index.tolist(), node_index.tolist(), samples):
             cands = []
@@ -100,11 +111,14 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
 
 
 def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: int, temperature: float,
-                             max_new_tokens: int, record: list | None = None, continuations: dict | None = None):
+                             max_new_tokens: int, record: list | None = None, continuations: dict | None = None,
+                             prefix_cache=None):
     """``evaluate_fn`` that values a node by the mean reward of ``rollouts`` policy completions.
     Completions that expansion already sampled (``continuations``, keyed by tree, parent and step
     text; see :func:`make_expand_fn`) are used first; only the missing ones are sampled. When
-    ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``."""
+    ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``. A
+    ``prefix_cache`` is read (see :func:`make_expand_fn`)."""
+    cache_kw = _cache_kw(prefix_cache)
 
     def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
         nodes = list(zip(tree_index.tolist(), node_index.tolist()))
@@ -114,7 +128,7 @@ def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: i
             rows = [j for j, t in enumerate(texts) if rollouts - len(t) == missing]
             contexts = [prompts[nodes[j][0]] + tree.prefix_text(*nodes[j]) for j in rows]
             samples = policy.generate(contexts, num_samples=missing, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, stop=None)
+                                      max_new_tokens=max_new_tokens, stop=None, **cache_kw)
             for j, group in zip(rows, samples):
                 texts[j] = texts[j] + [s.text for s in group]
         values = np.zeros(len(nodes))
@@ -208,16 +222,20 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
                                    num_samples=cfg.simulations, progress=progress)
     # rollouts continue the samples that proposed the steps (see make_expand_fn)
     continuations = {} if cfg.leaf_eval in ("rollout", "mix") else None
+    prefix_cache = None  # one per search: its entries hold for the current weights only
+    if cfg.prefix_cache_mb and hasattr(policy, "prefix_cache"):
+        prefix_cache = policy.prefix_cache(cfg.prefix_cache_mb << 20)
     rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens, record=rollout_record,
-                                        continuations=continuations)
+                                        continuations=continuations, prefix_cache=prefix_cache)
     judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
                               verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
     evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge,
                    "mix": mix_evaluators(rollouts, judge, cfg.alpha)}[cfg.leaf_eval]
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
                                temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
-                               continuations=continuations, max_new_tokens=cfg.max_new_tokens)
+                               continuations=continuations, max_new_tokens=cfg.max_new_tokens,
+                               prefix_cache=prefix_cache)
     if cfg.search == "mcts":
         return mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations,
                     c_puct=cfg.c_puct, rule=cfg.rule, leaves_per_tree=cfg.leaves_per_tree,

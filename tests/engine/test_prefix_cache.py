@@ -1,0 +1,249 @@
+"""The prefix cache: contexts generated earlier continue from their stored keys and values, with
+the samples a fresh prompt pass gives."""
+
+import dataclasses
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import engine.kv_cache as kv_cache
+from engine.config import TrainConfig, validate
+from engine.policy import TransformersPolicy
+from engine.search_runner import run_search
+from envs import MathEnv, arithmetic_tasks
+
+STOP = "1"  # the briefly trained test model writes few newlines; a digit ends heads at many steps
+
+
+def _policy(model_dir) -> TransformersPolicy:
+    return TransformersPolicy(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+
+
+def _contexts(prompts, groups, stop=STOP) -> list[str]:
+    """Each prompt extended by each of its samples' heads (through the first ``stop``)."""
+    out = [p + s.text[: s.text.index(stop) + len(stop)] for p, g in zip(prompts, groups) for s in g if stop in s.text]
+    return list(dict.fromkeys(out))
+
+
+def _same(a, b, atol=1e-4):
+    assert [[s.text for s in g] for g in a] == [[s.text for s in g] for g in b]
+    np.testing.assert_allclose([s.logprob for g in a for s in g], [s.logprob for g in b for s in g], atol=atol)
+
+
+def _check_entries(policy, cache):
+    """Every entry's pooled keys and values are those a forward pass over its tokens computes, and
+    each slot is held once per entry that lists it (no hold left over, none missing)."""
+    for entry in cache._entries.values():
+        past = DynamicCache(config=policy.model.config)
+        with torch.no_grad():
+            policy.model(input_ids=torch.tensor([entry.ids[:-1]]), use_cache=True, **{policy._cache_kw(): past})
+        for (pool_k, pool_v), layer in zip(cache.pools, past.layers):
+            torch.testing.assert_close(pool_k[entry.tokens].transpose(0, 1), layer.keys[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(pool_v[entry.tokens].transpose(0, 1), layer.values[0], atol=1e-4, rtol=1e-4)
+    listed = np.concatenate([e.tokens for e in cache._entries.values()] + [np.zeros(0, np.int64)])
+    np.testing.assert_array_equal(np.bincount(listed, minlength=len(cache._refs)), cache._refs)
+    assert len(np.unique(cache._free[: cache._top])) == cache._top == int((cache._refs == 0).sum())
+
+
+def _stored(policy, cache, prompts, samples=3):
+    torch.manual_seed(0)
+    groups = policy.generate(prompts, num_samples=samples, temperature=1.0, max_new_tokens=40, stop=None,
+                             head_stop=STOP, prefix_cache=cache)
+    return _contexts(prompts, groups)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_contexts_from_the_cache_generate_what_fresh_prompts_do(trained_model_dir, samples):
+    policy = _policy(trained_model_dir)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(3), 10)]
+    cache = policy.prefix_cache()
+    contexts = _stored(policy, cache, prompts)
+    assert len(contexts) >= 10 and all(c in cache for c in contexts)
+    for batch in (contexts, contexts[:6] + prompts[:3]):  # all found (one position run); some not (a window)
+        for temperature in (0.0, 1.0):
+            torch.manual_seed(1)
+            cached = policy.generate(batch, num_samples=samples, temperature=temperature, max_new_tokens=30,
+                                     stop=None, head_stop=STOP, prefix_cache=cache)
+            torch.manual_seed(1)
+            fresh = policy.generate(batch, num_samples=samples, temperature=temperature, max_new_tokens=30,
+                                    stop=None, head_stop=STOP)
+            _same(cached, fresh)
+    assert cache.hits >= 2 * (len(contexts) + 6)
+    for text in contexts:  # an entry's ids are its text, its slots one per token but the last
+        entry = cache.get(text)
+        assert policy.tokenizer.decode(list(entry.ids)) == text and entry.length == len(entry.ids) - 1
+
+
+def test_a_stop_stores_the_text_through_it(trained_model_dir):
+    """Without a head, a sample that ended on the stop is stored with its prompt."""
+    policy = _policy(trained_model_dir)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(4), 8)]
+    cache = policy.prefix_cache()
+    torch.manual_seed(0)
+    groups = policy.generate(prompts, num_samples=2, temperature=1.0, max_new_tokens=30, stop=STOP, prefix_cache=cache)
+    ended = [p + s.text for p, g in zip(prompts, groups) for s in g if s.text.endswith(STOP)]
+    assert ended and all(c in cache for c in ended) and len(cache) == len(set(ended))
+    _same(policy.generate(ended, temperature=0.0, max_new_tokens=20, prefix_cache=cache),
+          policy.generate(ended, temperature=0.0, max_new_tokens=20))
+
+
+def test_children_share_their_parents_slots_and_copies_take_either_form(trained_model_dir, monkeypatch):
+    policy = _policy(trained_model_dir)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(5), 8)]
+    results = []
+    for numba in (True, False):  # the numba copies (CPU, float32) and the torch indexing (any device)
+        if not numba:
+            monkeypatch.setattr(kv_cache, "_numba_copies", lambda t: False)
+        cache = policy.prefix_cache()
+        contexts = _stored(policy, cache, prompts)
+        torch.manual_seed(2)
+        children = policy.generate(contexts, num_samples=2, temperature=1.0, max_new_tokens=30, stop=None,
+                                   head_stop=STOP, prefix_cache=cache)
+        grandchildren = [c for c in _contexts(contexts, children) if c in cache]
+        assert len(grandchildren) >= 5
+        # each child holds its parent's slots and copied only its own new tokens
+        held = sum(cache.get(c).length for c in contexts + grandchildren)
+        assert cache.nbytes < 0.8 * held * cache.token_bytes
+        _check_entries(policy, cache)
+        torch.manual_seed(3)
+        results.append(policy.generate(grandchildren, num_samples=2, temperature=1.0, max_new_tokens=20, stop=None,
+                                       head_stop=STOP, prefix_cache=cache))
+        torch.manual_seed(3)
+        _same(results[-1], policy.generate(grandchildren, num_samples=2, temperature=1.0, max_new_tokens=20,
+                                           stop=None, head_stop=STOP))
+    assert [[(s.text, s.logprob) for s in g] for g in results[0]] == [[(s.text, s.logprob) for s in g]
+                                                                     for g in results[1]]  # exact copies both ways
+
+
+def test_a_small_cache_evicts_the_least_recently_used(trained_model_dir):
+    policy = _policy(trained_model_dir)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(6), 12)]
+    big = policy.prefix_cache()
+    contexts = _stored(policy, big, prompts)
+    budget = 1000 * big.token_bytes  # about a third of what the calls below store
+    small = policy.prefix_cache(budget)
+    _stored(policy, small, prompts[:6])
+    _stored(policy, small, prompts[6:])
+    found = list(small._entries)
+    assert found and small.nbytes <= budget
+    batch = found + [c for c in contexts if c not in small][:4]
+    torch.manual_seed(4)
+    cached = policy.generate(batch, num_samples=3, temperature=1.0, max_new_tokens=30, stop=None, head_stop=STOP,
+                             prefix_cache=small)
+    torch.manual_seed(4)
+    _same(cached, policy.generate(batch, num_samples=3, temperature=1.0, max_new_tokens=30, stop=None,
+                                  head_stop=STOP))
+    assert small.evicted > 0 and small.nbytes <= budget  # the call's own stores pushed out what it read
+    assert not any(c in small for c in found)
+    children = [c for c in _contexts(batch, cached) if c in small]
+    assert children
+    _check_entries(policy, small)
+    _same(policy.generate(children, temperature=0.0, max_new_tokens=20, stop=None, head_stop=STOP, prefix_cache=small),
+          policy.generate(children, temperature=0.0, max_new_tokens=20, stop=None, head_stop=STOP))
+
+
+def test_held_slots_outlive_their_evicted_entry(trained_model_dir):
+    """A call holds the entries it reads (its rows' contexts share their slots): evicted meanwhile,
+    their slots are not reused until it releases them."""
+    policy = _policy(trained_model_dir)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(6), 12)]
+    probe = policy.prefix_cache()
+    _stored(policy, probe, prompts[:1])
+    cache = policy.prefix_cache(600 * probe.token_bytes)
+    _stored(policy, cache, prompts[:4])
+    oldest = next(iter(cache._entries))  # the least recently used: the first to go
+    entry = cache._entries[oldest]
+    before = [(k[entry.tokens].clone(), v[entry.tokens].clone()) for k, v in cache.pools]
+    cache.hold(entry.tokens)
+    _stored(policy, cache, prompts[4:])
+    assert oldest not in cache and cache.evicted > 0
+    for (k, v), (k0, v0) in zip(cache.pools, before):
+        assert torch.equal(k[entry.tokens], k0) and torch.equal(v[entry.tokens], v0)
+    assert (cache._refs[entry.tokens] >= 1).all()
+    cache.release(entry.tokens)
+    _check_entries(policy, cache)
+
+
+def test_a_bf16_cache_continues_contexts_as_scoring_scores_them(trained_model_dir):
+    """The torch copies on a bf16 model: a continued context's samples score as a full forward
+    pass scores them (within bf16 rounding)."""
+    tok = AutoTokenizer.from_pretrained(trained_model_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_attention_heads=4,
+                                         intermediate_size=64, num_hidden_layers=2)).to(torch.bfloat16).eval()
+    policy = TransformersPolicy(model, tok)
+    prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n", "7\n"]
+    cache = policy.prefix_cache()
+    contexts = _stored(policy, cache, prompts, samples=4)
+    assert len(contexts) >= 3 and all(c in cache for c in contexts)
+    torch.manual_seed(5)
+    groups = policy.generate(contexts, num_samples=2, temperature=1.0, max_new_tokens=12, stop=None,
+                             prefix_cache=cache)
+    flat = [(c, s) for c, g in zip(contexts, groups) for s in g if not s.finished]  # not those ended by EOS
+    assert len(flat) >= 4 and cache.hits >= len(contexts)
+    scored = policy.logprobs([c for c, _ in flat], [s.text for _, s in flat])
+    np.testing.assert_allclose(scored, [s.logprob for _, s in flat], atol=0.05 * 12)
+
+
+def test_byte_level_bpe_stores_only_contexts_its_tokens_spell():
+    """A token that runs on past the newline (``"\\n\\n"``, ``"\\nand"``) ends a head whose tokens
+    do not spell the line: such a context is not stored; every stored one decodes to its text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["one line\n\nand the next\nand\n", "x = 4\n\n\ny = 5\nz\n"] * 20
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", clean_up_tokenization_spaces=False)
+    fused = [t for t in tok.get_vocab() if "\n" in tok.decode([tok.convert_tokens_to_ids(t)])
+             and not tok.decode([tok.convert_tokens_to_ids(t)]).endswith("\n")]
+    assert fused  # tokens that run on past a newline exist
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_attention_heads=4,
+                                         intermediate_size=64, num_hidden_layers=2, eos_token_id=None)).eval()
+    policy = TransformersPolicy(model, tok)
+    prompts = ["one line\n", "x = 4\n"]
+    cache = policy.prefix_cache()
+    torch.manual_seed(1)
+    groups = policy.generate(prompts, num_samples=24, temperature=2.0, max_new_tokens=12, stop=None,
+                             head_stop="\n", prefix_cache=cache)
+    contexts = [p + s.text[: s.text.index("\n") + 1] for p, g in zip(prompts, groups) for s in g if "\n" in s.text]
+    stored = [c for c in contexts if c in cache]
+    assert stored and len(stored) < len(contexts)  # the others' newline tokens ran on past it
+    for text in list(cache._entries):  # nothing else is stored, and each entry's ids spell its text
+        assert text in contexts and tok.decode(list(cache.get(text).ids)) == text
+
+
+def test_search_with_the_prefix_cache_builds_the_same_trees(trained_model_dir):
+    policy = _policy(trained_model_dir)
+    made = []
+    original = policy.prefix_cache
+    policy.prefix_cache = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
+    tasks = list(islice(arithmetic_tasks(7), 8))
+    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=8, simulations=4)
+    trees = []
+    for mb in (0, 64):
+        torch.manual_seed(0)
+        trees.append(run_search(policy, MathEnv(max_steps=cfg.max_depth), tasks,
+                                dataclasses.replace(cfg, prefix_cache_mb=mb)))
+    assert len(made) == 1 and made[0].hits > 8  # later rounds' nodes were found in it
+    assert [list(t) for t in trees[0].texts] == [list(t) for t in trees[1].texts]
+    np.testing.assert_array_equal(trees[0].visits, trees[1].visits)
+    np.testing.assert_allclose(trees[0].prior, trees[1].prior, atol=1e-5)
+
+
+def test_prefix_cache_misuse_is_reported(trained_model_dir):
+    policy = _policy(trained_model_dir)
+    other = _policy(trained_model_dir)
+    with pytest.raises(ValueError, match="another model"):
+        policy.generate(["1+1\n"], prefix_cache=other.prefix_cache())
+    with pytest.raises(ValueError, match="max_bytes"):
+        policy.prefix_cache(-1)
+    assert validate(dataclasses.replace(TrainConfig(), prefix_cache_mb=-1)) == [
+        "--prefix-cache-mb must be >= 0, got -1"]
