@@ -46,6 +46,8 @@ def _copy_out(keys, values, rows, starts, counts, pool_k, pool_v, dst):
             for h in range(keys.shape[1]):
                 for e in range(keys.shape[3]):  # element loops: 2x faster than slice copies this short
                     pool_k[d, h, e] = keys[r, h, s + j, e]
+            for h in range(values.shape[1]):  # value heads may differ from key heads in size
+                for e in range(values.shape[3]):
                     pool_v[d, h, e] = values[r, h, s + j, e]
 
 
@@ -59,6 +61,8 @@ def _copy_in(keys, values, pool_k, pool_v, src, first_rows, slots, repeats):
             for h in range(keys.shape[1]):
                 for e in range(keys.shape[3]):
                     keys[row + r, h, slot, e] = pool_k[p, h, e]
+            for h in range(values.shape[1]):
+                for e in range(values.shape[3]):
                     values[row + r, h, slot, e] = pool_v[p, h, e]
 
 

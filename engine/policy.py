@@ -303,6 +303,8 @@ class TransformersPolicy:
         def save(at: torch.Tensor) -> None:
             """Copy out the keys and values kept from the rows at batch positions ``at`` (see
             ``saved`` above), before they are overwritten."""
+            if steps == 0:  # nothing generated (max_new_tokens=0)
+                return
             at_np = at.cpu().numpy()
             row_np = rows.cpu().numpy()[at_np]
             new = [j for j, r in enumerate(row_np.tolist()) if r not in saved and r not in repeats_cut]
