@@ -296,7 +296,8 @@ class TransformersPolicy:
 
             tok, *views = row_views()
 
-        if kept_end is not None and prefix_cache is not None:
+        storing = kept_end is not None and prefix_cache is not None  # contexts go into the prefix cache
+        if storing:
             kept_np = kept_end.cpu().numpy()
             ends_np = ends.cpu().numpy() if ends is not None else None
 
@@ -377,7 +378,7 @@ class TransformersPolicy:
                 if n_alive * 4 <= len(rows) * 3:
                     flush()
                     seg_start = steps
-                    if kept_end is not None and prefix_cache is not None:
+                    if storing:
                         save(torch.nonzero(~alive[:, 0])[:, 0])
                     keep = cache.drop_rows(alive[:, 0], first)
                     rows, tok, mask, pos, alive = rows[keep], tok[keep], mask[keep], pos[keep], alive[keep]
@@ -392,7 +393,7 @@ class TransformersPolicy:
                                 use_cache=True, **{cache_kw: cache}).logits[:, -1]
             pos = pos + 1
         flush()
-        if kept_end is not None and prefix_cache is not None:
+        if storing:
             save(torch.arange(len(rows), device=self.device))
         # Lengths come from the tokens: a row ends at its first end token (what follows it, from
         # a finished row riding along, is ignored), else at the last step.
