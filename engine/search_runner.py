@@ -52,7 +52,7 @@ def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
     return reward, [c.text for c in steps]
 
 
-def _cache_kw(prefix_cache) -> dict:
+def _prefix_kw(prefix_cache) -> dict:
     """``generate``'s ``prefix_cache`` argument, left out when there is none (policies without
     prefix caching need not take it)."""
     return {} if prefix_cache is None else {"prefix_cache": prefix_cache}
@@ -76,7 +76,7 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
     ``prefix_cache`` (``policy.prefix_cache()``), the contexts of the children are kept with their
     keys and values, so that expanding a child later skips the prompt pass over its context."""
     shared = continuations is not None
-    cache_kw = _cache_kw(prefix_cache)
+    prefix_kw = _prefix_kw(prefix_cache)
 
     def expand_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> list[list[Candidate]]:
         contexts = [prompts[b] + tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
@@ -84,10 +84,10 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
             continuations.clear()  # left over from candidates that were dropped or merged
             samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, stop=None, head_stop="\n", unique_heads=True,
-                                      **cache_kw)
+                                      **prefix_kw)
         else:
             samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
-                                      max_new_tokens=step_max_tokens, stop="\n", **cache_kw)
+                                      max_new_tokens=step_max_tokens, stop="\n", **prefix_kw)
         out = []
         for b, n, group in zip(tree_index.tolist(), node_index.tolist(), samples):
             cands = []
@@ -118,7 +118,7 @@ def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: i
     text; see :func:`make_expand_fn`) are used first; only the missing ones are sampled. When
     ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``. A
     ``prefix_cache`` is read (see :func:`make_expand_fn`)."""
-    cache_kw = _cache_kw(prefix_cache)
+    prefix_kw = _prefix_kw(prefix_cache)
 
     def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
         nodes = list(zip(tree_index.tolist(), node_index.tolist()))
@@ -128,7 +128,7 @@ def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: i
             rows = [j for j, t in enumerate(texts) if rollouts - len(t) == missing]
             contexts = [prompts[nodes[j][0]] + tree.prefix_text(*nodes[j]) for j in rows]
             samples = policy.generate(contexts, num_samples=missing, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, stop=None, **cache_kw)
+                                      max_new_tokens=max_new_tokens, stop=None, **prefix_kw)
             for j, group in zip(rows, samples):
                 texts[j] = texts[j] + [s.text for s in group]
         values = np.zeros(len(nodes))
