@@ -361,12 +361,13 @@ class PrefixCache:
             self.hold(held)  # before any eviction below can free them
         n, ends = len(counts), np.cumsum(counts)
         if not self._make_room(int(ends[-1])):  # only the first contexts fit
-            fit = int(np.searchsorted(ends, self._top, side="right"))
+            fit = int(np.searchsorted(ends, self._room(), side="right"))
             for held in shared[fit:]:
                 self.release(held)
             rows, starts, counts, shared, ends = rows[:fit], starts[:fit], counts[:fit], shared[:fit], ends[:fit]
             if not fit:
                 return [None] * n
+            self._make_room(int(ends[-1]))
         total = int(ends[-1])
         slots = self._free[self._top - total : self._top][::-1].copy()
         self._top -= total
@@ -377,7 +378,9 @@ class PrefixCache:
 
     def _make_room(self, n: int) -> bool:
         """At least ``n`` free slots: grow the pools (doubling, up to ``max_bytes``), else drop the
-        least recently used entries. False when even that cannot."""
+        fewest least recently used entries that free enough slots. False, dropping none, when even
+        dropping every entry would not (slots held by a running call or by its pending contexts
+        are not freed by dropping the entries that list them)."""
         capacity = len(self._refs)
         limit = self.max_bytes // max(self.token_bytes, 1)
         if self._top < n and capacity < limit:
@@ -388,11 +391,29 @@ class PrefixCache:
             new = np.arange(grown - 1, capacity - 1, -1, dtype=np.int64)  # lowest slots on top of the stack
             self._free = np.concatenate([self._free[: self._top], new])
             self._top = len(self._free)
-        while self._top < n and self._entries:
+        if self._top >= n:
+            return True
+        if self._room() < n:
+            return False
+        refs, freed, victims = self._refs.copy(), self._top, 0
+        for entry in self._entries.values():  # the least recently used first
+            refs[entry.tokens] -= 1
+            freed += int(np.count_nonzero(refs[entry.tokens] == 0))
+            victims += 1
+            if freed >= n:
+                break
+        for _ in range(victims):
             _, old = self._entries.popitem(last=False)
             self.release(old.tokens)
             self.evicted += 1
-        return self._top >= n
+        return True
+
+    def _room(self) -> int:
+        """Free slots there would be with every entry dropped: the free ones, and those that only
+        entries hold."""
+        listed = np.concatenate([e.tokens for e in self._entries.values()] + [np.zeros(0, np.int64)])
+        only_entries = np.bincount(listed, minlength=len(self._refs)) == self._refs
+        return self._top + int(np.count_nonzero(only_entries & (self._refs > 0)))
 
     def hold(self, tokens: np.ndarray) -> None:
         """Take one more hold on the slots ``tokens`` (an entry in use must keep its slots even if

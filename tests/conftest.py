@@ -7,6 +7,21 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the models in the tests that generate, search and train with them "
+                          "(cpu, cuda, cuda:1, ...; default cpu), e.g. pytest --device cuda tests/engine")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The ``--device`` those tests put their models on."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: torch sees no CUDA device on this machine")
+    return device
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Never touch the user's model cache from tests."""

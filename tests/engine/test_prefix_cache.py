@@ -18,8 +18,9 @@ from envs import MathEnv, arithmetic_tasks
 STOP = "1"  # the briefly trained test model writes few newlines; a digit ends heads at many steps
 
 
-def _policy(model_dir) -> TransformersPolicy:
-    return TransformersPolicy(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+def _policy(model_dir, device) -> TransformersPolicy:
+    return TransformersPolicy(AutoModelForCausalLM.from_pretrained(model_dir).to(device),
+                              AutoTokenizer.from_pretrained(model_dir), device=device)
 
 
 def _contexts(prompts, groups, stop=STOP) -> list[str]:
@@ -39,7 +40,8 @@ def _check_entries(policy, cache):
     for entry in cache._entries.values():
         past = DynamicCache(config=policy.model.config)
         with torch.no_grad():
-            policy.model(input_ids=torch.tensor([entry.ids[:-1]]), use_cache=True, **{policy._cache_kw(): past})
+            policy.model(input_ids=torch.tensor([entry.ids[:-1]], device=policy.device), use_cache=True,
+                         **{policy._cache_kw(): past})
         for (pool_k, pool_v), layer in zip(cache.pools, past.layers):
             torch.testing.assert_close(pool_k[entry.tokens].transpose(0, 1), layer.keys[0], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(pool_v[entry.tokens].transpose(0, 1), layer.values[0], atol=1e-4, rtol=1e-4)
@@ -56,8 +58,8 @@ def _stored(policy, cache, prompts, samples=3):
 
 
 @pytest.mark.parametrize("samples", [1, 3])
-def test_contexts_from_the_cache_generate_what_fresh_prompts_do(trained_model_dir, samples):
-    policy = _policy(trained_model_dir)
+def test_contexts_from_the_cache_generate_what_fresh_prompts_do(trained_model_dir, device, samples):
+    policy = _policy(trained_model_dir, device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(3), 10)]
     cache = policy.prefix_cache()
     contexts = _stored(policy, cache, prompts)
@@ -77,9 +79,9 @@ def test_contexts_from_the_cache_generate_what_fresh_prompts_do(trained_model_di
         assert policy.tokenizer.decode(list(entry.ids)) == text and entry.length == len(entry.ids) - 1
 
 
-def test_a_stop_stores_the_text_through_it(trained_model_dir):
+def test_a_stop_stores_the_text_through_it(trained_model_dir, device):
     """Without a head, a sample that ended on the stop is stored with its prompt."""
-    policy = _policy(trained_model_dir)
+    policy = _policy(trained_model_dir, device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(4), 8)]
     cache = policy.prefix_cache()
     torch.manual_seed(0)
@@ -92,11 +94,12 @@ def test_a_stop_stores_the_text_through_it(trained_model_dir):
           policy.generate(ended, temperature=0.0, max_new_tokens=20))
 
 
-def test_children_share_their_parents_slots_and_copies_take_either_form(trained_model_dir, monkeypatch):
-    policy = _policy(trained_model_dir)
+def test_children_share_their_parents_slots_and_copies_take_either_form(trained_model_dir, device, monkeypatch):
+    policy = _policy(trained_model_dir, device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(5), 8)]
     results = []
-    for numba in (True, False):  # the numba copies (CPU, float32) and the torch indexing (any device)
+    forms = (True, False) if device.type == "cpu" else (False,)
+    for numba in forms:  # the numba copies (CPU, float32) and the torch indexing (any device)
         if not numba:
             monkeypatch.setattr(kv_cache, "_numba_copies", lambda t: False)
         cache = policy.prefix_cache()
@@ -117,29 +120,30 @@ def test_children_share_their_parents_slots_and_copies_take_either_form(trained_
         _same(results[-1], policy.generate(grandchildren, num_samples=2, temperature=1.0, max_new_tokens=20,
                                            stop=None, head_stop=STOP))
     assert [[(s.text, s.logprob) for s in g] for g in results[0]] == [[(s.text, s.logprob) for s in g]
-                                                                     for g in results[1]]  # exact copies both ways
+                                                                     for g in results[-1]]  # exact copies both ways
 
 
-def test_a_small_cache_evicts_the_least_recently_used(trained_model_dir):
-    policy = _policy(trained_model_dir)
+def test_a_small_cache_evicts_the_least_recently_used(trained_model_dir, device):
+    policy = _policy(trained_model_dir, device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(6), 12)]
     big = policy.prefix_cache()
     contexts = _stored(policy, big, prompts)
-    budget = 1000 * big.token_bytes  # about a third of what the calls below store
+    budget = big.nbytes // 3  # a third of what the two calls below store (the samples are the same)
     small = policy.prefix_cache(budget)
     _stored(policy, small, prompts[:6])
     _stored(policy, small, prompts[6:])
-    found = list(small._entries)
-    assert found and small.nbytes <= budget
-    batch = found + [c for c in contexts if c not in small][:4]
+    found = list(small._entries)  # the least recently used first
+    assert len(found) >= 2 and small.evicted > 0 and small.nbytes <= budget
+    evicted = small.evicted
+    batch = found[len(found) // 2 :] + [c for c in contexts if c not in small][:4]  # read: the newer half
     torch.manual_seed(4)
     cached = policy.generate(batch, num_samples=3, temperature=1.0, max_new_tokens=30, stop=None, head_stop=STOP,
                              prefix_cache=small)
     torch.manual_seed(4)
     _same(cached, policy.generate(batch, num_samples=3, temperature=1.0, max_new_tokens=30, stop=None,
                                   head_stop=STOP))
-    assert small.evicted > 0 and small.nbytes <= budget  # the call's own stores pushed out what it read
-    assert not any(c in small for c in found)
+    assert small.evicted > evicted and small.nbytes <= budget  # the call's own stores pushed out older entries
+    assert found[0] not in small
     children = [c for c in _contexts(batch, cached) if c in small]
     assert children
     _check_entries(policy, small)
@@ -147,15 +151,16 @@ def test_a_small_cache_evicts_the_least_recently_used(trained_model_dir):
           policy.generate(children, temperature=0.0, max_new_tokens=20, stop=None, head_stop=STOP))
 
 
-def test_held_slots_outlive_their_evicted_entry(trained_model_dir):
+def test_held_slots_outlive_their_evicted_entry(trained_model_dir, device):
     """A call holds the entries it reads (its rows' contexts share their slots): evicted meanwhile,
     their slots are not reused until it releases them."""
-    policy = _policy(trained_model_dir)
+    policy = _policy(trained_model_dir, device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(6), 12)]
     probe = policy.prefix_cache()
-    _stored(policy, probe, prompts[:1])
-    cache = policy.prefix_cache(600 * probe.token_bytes)
+    _stored(policy, probe, prompts[:4])
+    cache = policy.prefix_cache(probe.nbytes)  # room for the first four prompts' contexts, no more
     _stored(policy, cache, prompts[:4])
+    assert cache.evicted == 0
     oldest = next(iter(cache._entries))  # the least recently used: the first to go
     entry = cache._entries[oldest]
     before = [(k[entry.tokens].clone(), v[entry.tokens].clone()) for k, v in cache.pools]
@@ -169,12 +174,33 @@ def test_held_slots_outlive_their_evicted_entry(trained_model_dir):
     _check_entries(policy, cache)
 
 
-def test_a_bf16_cache_continues_contexts_as_scoring_scores_them(trained_model_dir):
+def test_a_full_cache_drops_no_entry_that_frees_nothing(trained_model_dir, device):
+    """With every slot held (by a running call), storing more drops no entry: dropping them would
+    free nothing. Once the holds are released, the least recently used entries make room."""
+    policy = _policy(trained_model_dir, device)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(6), 12)]
+    probe = policy.prefix_cache()
+    _stored(policy, probe, prompts[:4])
+    cache = policy.prefix_cache(probe.nbytes)
+    first = _stored(policy, cache, prompts[:4])
+    held = [cache.get(c).tokens for c in first]
+    for tokens in held:
+        cache.hold(tokens)
+    _stored(policy, cache, prompts[4:])
+    assert list(cache._entries) == first and cache.evicted == 0  # nothing could be stored, nothing was dropped
+    for tokens in held:
+        cache.release(tokens)
+    later = _stored(policy, cache, prompts[4:])
+    assert cache.evicted > 0 and any(c in cache for c in later) and cache.nbytes <= probe.nbytes
+    _check_entries(policy, cache)
+
+
+def test_a_bf16_cache_continues_contexts_as_scoring_scores_them(trained_model_dir, device):
     """The torch copies on a bf16 model: a continued context's samples score as a full forward
     pass scores them (within bf16 rounding)."""
     tok = AutoTokenizer.from_pretrained(trained_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(trained_model_dir).to(torch.bfloat16).eval()
-    policy = TransformersPolicy(model, tok)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir).to(device, torch.bfloat16).eval()
+    policy = TransformersPolicy(model, tok, device=device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(8), 6)]
     cache = policy.prefix_cache()
     contexts = _stored(policy, cache, prompts, samples=4)
@@ -188,7 +214,7 @@ def test_a_bf16_cache_continues_contexts_as_scoring_scores_them(trained_model_di
     np.testing.assert_allclose(scored, [s.logprob for _, s in flat], atol=0.05)  # misplaced prefixes: > 2
 
 
-def test_byte_level_bpe_stores_only_contexts_its_tokens_spell():
+def test_byte_level_bpe_stores_only_contexts_its_tokens_spell(device):
     """A token that runs on past the newline (``"\\n\\n"``, ``"\\nand"``) ends a head whose tokens
     do not spell the line: such a context is not stored; every stored one decodes to its text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -207,7 +233,7 @@ def test_byte_level_bpe_stores_only_contexts_its_tokens_spell():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_attention_heads=4,
                                          intermediate_size=64, num_hidden_layers=2, eos_token_id=None)).eval()
-    policy = TransformersPolicy(model, tok)
+    policy = TransformersPolicy(model.to(device), tok, device=device)
     prompts = ["one line\n", "x = 4\n"]
     cache = policy.prefix_cache()
     torch.manual_seed(1)
@@ -220,8 +246,8 @@ def test_byte_level_bpe_stores_only_contexts_its_tokens_spell():
         assert text in contexts and tok.decode(list(cache.get(text).ids)) == text
 
 
-def test_search_with_the_prefix_cache_builds_the_same_trees(trained_model_dir):
-    policy = _policy(trained_model_dir)
+def test_search_with_the_prefix_cache_builds_the_same_trees(trained_model_dir, device):
+    policy = _policy(trained_model_dir, device)
     made = []
     original = policy.prefix_cache
     policy.prefix_cache = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
@@ -238,9 +264,9 @@ def test_search_with_the_prefix_cache_builds_the_same_trees(trained_model_dir):
     np.testing.assert_allclose(trees[0].prior, trees[1].prior, atol=1e-5)
 
 
-def test_prefix_cache_misuse_is_reported(trained_model_dir):
-    policy = _policy(trained_model_dir)
-    other = _policy(trained_model_dir)
+def test_prefix_cache_misuse_is_reported(trained_model_dir, device):
+    policy = _policy(trained_model_dir, device)
+    other = _policy(trained_model_dir, device)
     with pytest.raises(ValueError, match="another model"):
         policy.generate(["1+1\n"], prefix_cache=other.prefix_cache())
     with pytest.raises(ValueError, match="max_bytes"):

@@ -16,8 +16,8 @@ TASKS = [t for _, t in zip(range(4), arithmetic_tasks(5, levels=(2,)))]
 
 
 @pytest.fixture(scope="module")
-def policy(trained_model_dir):
-    return load_policy(trained_model_dir, "cpu")
+def policy(trained_model_dir, device):
+    return load_policy(trained_model_dir, str(device))
 
 
 @pytest.mark.parametrize(

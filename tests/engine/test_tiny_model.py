@@ -37,11 +37,11 @@ def test_bootstrap_is_deterministic_and_cached(tmp_path, quick_bootstrap):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the decoding steps' 4-D masks take each one's form
-def test_generate_logprobs_equal_scoring(trained_model_dir, attention):
+def test_generate_logprobs_equal_scoring(trained_model_dir, attention, device):
     tok = AutoTokenizer.from_pretrained(trained_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(trained_model_dir, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir, attn_implementation=attention).to(device)
     assert model.config._attn_implementation == attention
-    policy = TransformersPolicy(model, tok)
+    policy = TransformersPolicy(model, tok, device=device)
     prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n"]
     torch.manual_seed(0)
     samples = policy.generate(prompts, num_samples=3, temperature=1.0, max_new_tokens=12, stop="\n")
@@ -72,13 +72,13 @@ def _random_model(kind: str, vocab_size: int):
 
 @pytest.mark.parametrize("kind", ["qwen2-sliding-window", "bloom-alibi", "llama-bf16"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_generate_logprobs_equal_scoring_on_other_architectures(trained_model_dir, kind, attention):
+def test_generate_logprobs_equal_scoring_on_other_architectures(trained_model_dir, kind, attention, device):
     """Decoding with the KV cache (rows of different lengths leaving the batch) scores its samples
     as a full forward pass does, for a sliding window, an ALiBi bias and a bf16 cache on the CPU."""
     tok = AutoTokenizer.from_pretrained(trained_model_dir)
-    model = _random_model(kind, len(tok)).eval()
+    model = _random_model(kind, len(tok)).to(device).eval()
     model.set_attn_implementation(attention)
-    policy = TransformersPolicy(model, tok)
+    policy = TransformersPolicy(model, tok, device=device)
     prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n", "7\n"]
     torch.manual_seed(1)
     samples = policy.generate(prompts, num_samples=4, temperature=1.0, max_new_tokens=14, stop="1")
@@ -92,12 +92,12 @@ def test_generate_logprobs_equal_scoring_on_other_architectures(trained_model_di
     np.testing.assert_allclose(scored, [s.logprob for _, s in kept], atol=tolerance)
 
 
-def test_generate_shares_prompts_across_samples_and_batches(trained_model_dir):
+def test_generate_shares_prompts_across_samples_and_batches(trained_model_dir, device):
     tok = AutoTokenizer.from_pretrained(trained_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(trained_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir).to(device)
     prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n", "7*8\n"]
-    wide = TransformersPolicy(model, tok)
-    narrow = TransformersPolicy(model, tok, batch_size=2)  # one prompt (two rows) per batch
+    wide = TransformersPolicy(model, tok, device=device)
+    narrow = TransformersPolicy(model, tok, device=device, batch_size=2)  # one prompt (two rows) per batch
     shared = wide.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=30, stop=None)
     apart = narrow.generate([p for p in prompts for _ in range(2)], temperature=0.0, max_new_tokens=30, stop=None)
     assert [[s.text for s in g] for g in shared] == [[apart[2 * i][0].text, apart[2 * i + 1][0].text]
@@ -118,13 +118,13 @@ def test_inverse_cdf_sampling_draws_each_token_at_its_probability():
     assert first[1] == 0 and (draws[20_000:] == 3).all()  # probability 0 is never drawn
 
 
-def test_head_stop_reports_the_first_line_as_scoring_does(trained_model_dir):
+def test_head_stop_reports_the_first_line_as_scoring_does(trained_model_dir, device):
     tok = AutoTokenizer.from_pretrained(trained_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(trained_model_dir)
-    policy = TransformersPolicy(model, tok)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir).to(device)
+    policy = TransformersPolicy(model, tok, device=device)
     prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n"]
     torch.manual_seed(1)
-    samples = policy.generate(prompts, num_samples=4, temperature=1.0, max_new_tokens=40, stop=None, head_stop="\n")
+    samples = policy.generate(prompts, num_samples=8, temperature=1.0, max_new_tokens=40, stop=None, head_stop="\n")
     rows = [(p, s) for p, group in zip(prompts, samples) for s in group if "\n" in s.text]
     assert len(rows) >= 4 and any(s.text.count("\n") > 1 for _, s in rows)  # they ran on past the first line
     heads = [s.text[: s.text.index("\n") + 1] for _, s in rows]
@@ -173,11 +173,11 @@ def test_fast_encode_and_decode_equal_the_tokenizer_on_byte_level_bpe():
     assert policy._backend() is None
 
 
-def test_rows_leaving_the_batch_do_not_change_the_others(trained_model_dir):
+def test_rows_leaving_the_batch_do_not_change_the_others(trained_model_dir, device):
     """Greedy decoding of many prompts in one batch (rows finish at different steps and leave it,
     the cache's holes filled by later rows) equals decoding each prompt alone."""
-    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir),
-                                AutoTokenizer.from_pretrained(trained_model_dir))
+    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir).to(device),
+                                AutoTokenizer.from_pretrained(trained_model_dir), device=device)
     prompts = [t["prompt"] for _, t in zip(range(12), arithmetic_tasks(3))]
     # (the briefly trained test model writes few newlines: a digit as the stop ends rows at many steps)
     together = policy.generate(prompts, temperature=0.0, max_new_tokens=40, stop="1")
@@ -187,9 +187,9 @@ def test_rows_leaving_the_batch_do_not_change_the_others(trained_model_dir):
     np.testing.assert_allclose([g[0].logprob for g in together], [g[0].logprob for g in alone], atol=1e-4)
 
 
-def test_unique_heads_stop_samples_that_repeat_a_first_line(trained_model_dir):
-    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir),
-                                AutoTokenizer.from_pretrained(trained_model_dir))
+def test_unique_heads_stop_samples_that_repeat_a_first_line(trained_model_dir, device):
+    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir).to(device),
+                                AutoTokenizer.from_pretrained(trained_model_dir), device=device)
     prompts = ["(12+5)*3\n", "((4+4)-2)*9\n4+4=8\n"]
     # greedy: the 8 samples of a prompt share their first line, and only one of them runs on
     groups = policy.generate(prompts, num_samples=8, temperature=0.0, max_new_tokens=30, stop=None, head_stop="\n",

@@ -37,11 +37,12 @@ def test_sequence_logps_equal_policy_scores(tiny_random):
     assert lengths.tolist() == [8, 13]
 
 
-def test_train_dpo_raises_margin_and_writes_trl_metrics(tiny_random):
+def test_train_dpo_raises_margin_and_writes_trl_metrics(tiny_random, device):
     model, tok = tiny_random
     recs = [{"prompt": f"{a}+{b}\n", "prefix": "", "chosen": f"{a}+{b}={a + b}\n", "rejected": f"{a}+{b}={a + b + 1}\n"}
             for a in range(3, 9) for b in range(2, 6)]
-    policy = TransformersPolicy(model, tok)
+    model = model.to(device)
+    policy = TransformersPolicy(model, tok, device=device)
 
     def margin():
         p = [r["prompt"] for r in recs]
@@ -64,7 +65,7 @@ def test_train_dpo_rejects_bad_beta(tiny_random):
         train_dpo(model, tok, [], DPOConfig(beta=0.0))
 
 
-def test_sft_records_are_length_balanced_and_learned(tiny_random):
+def test_sft_records_are_length_balanced_and_learned(tiny_random, device):
     from trainers.dpo import _tokenize_sft
 
     model, tok = tiny_random
@@ -74,7 +75,8 @@ def test_sft_records_are_length_balanced_and_learned(tiny_random):
     enc = lambda ts: [list(x) for x in tok(ts, add_special_tokens=False)["input_ids"]]  # noqa: E731
     rows, p = _tokenize_sft(sft, enc, max_length=64)
     assert len(rows) == 33 and p[:30].sum() == pytest.approx(0.5) and p[30:].sum() == pytest.approx(0.5)
-    policy = TransformersPolicy(model, tok)
+    model = model.to(device)
+    policy = TransformersPolicy(model, tok, device=device)
     prompts, comps = [r["prompt"] for r in sft], ["".join(r["steps"]) for r in sft]
     before = policy.logprobs(prompts, comps).mean()
     pairs = [{"prompt": "1+1\n", "prefix": "", "chosen": "1+1=2\n", "rejected": "1+1=3\n"}] * 16
@@ -84,11 +86,12 @@ def test_sft_records_are_length_balanced_and_learned(tiny_random):
 
 
 @pytest.mark.parametrize("loss", ["ipo", "hinge", "robust"])
-def test_train_with_other_losses_raises_margin(tiny_random, loss):
+def test_train_with_other_losses_raises_margin(tiny_random, device, loss):
     model, tok = tiny_random
     recs = [{"prompt": f"{a}+1\n", "prefix": "", "chosen": f"{a}+1={a + 1}\n", "rejected": f"{a}+1={a + 2}\n"}
             for a in range(10, 26)]
-    policy = TransformersPolicy(model, tok)
+    model = model.to(device)
+    policy = TransformersPolicy(model, tok, device=device)
     p = [r["prompt"] for r in recs]
 
     def margin():
