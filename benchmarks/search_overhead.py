@@ -139,13 +139,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="device of the model (cpu, cuda, ...)")
     ap.add_argument("--prefix-cache-mb", type=int, default=TrainConfig.prefix_cache_mb,
                     help="the search's prefix cache (0: none, every expansion runs a prompt pass over its context)")
+    ap.add_argument("--park-rows", type=int, default=TrainConfig.park_rows,
+                    help="rows of an expansion call left running into the next round's call (0: each round waits "
+                         "for its slowest rollout)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs of the search and of plain sampling; each one's best (shortest) run is reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(bootstrap(BootstrapConfig(), log=print))
     policy = load_policy(model_dir, args.device)
-    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=args.tasks, prefix_cache_mb=args.prefix_cache_mb)
+    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=args.tasks, prefix_cache_mb=args.prefix_cache_mb,
+                              park_rows=args.park_rows)
     tasks = list(islice(arithmetic_tasks(12345), args.tasks))
     env = MathEnv(max_steps=cfg.max_depth)
 

@@ -133,6 +133,12 @@ class TrainConfig:
     prefix_cache_mb: int = 1024
     """Memory (MiB, on the policy's device) for the keys and values of the contexts a search has
     generated, so that expanding a node skips the prompt pass over its context; 0: none."""
+    park_rows: int = 0
+    """MCTS with one rollout per node and the prefix cache: an expansion call returns once at most
+    this many of its rows still run, all past their first line; those rollouts go on as rows of
+    the next round's call and their nodes are valued when they end, a round or more late (0, the
+    default: each round waits for its slowest rollout, and every node is valued in the round that
+    made it)."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +282,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.prefix_cache_mb < 0:
         problems.append(f"--prefix-cache-mb must be >= 0, got {cfg.prefix_cache_mb}")
+    if cfg.park_rows < 0:
+        problems.append(f"--park-rows must be >= 0, got {cfg.park_rows}")
     if cfg.env == "code" and cfg.trainer == "tpo":
         problems.append("--trainer tpo needs ranked lists from a search tree; use it with --env math")
     if cfg.allow_config_change and cfg.resume is None:

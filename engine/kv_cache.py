@@ -53,11 +53,11 @@ def _copy_out(keys, values, rows, starts, counts, pool_k, pool_v, dst):
 
 @njit(cache=True, nogil=True)
 def _copy_in(keys, values, pool_k, pool_v, src, first_rows, slots, repeats):
-    """``buffer[first_rows[t] + r, :, slots[t]] = pool[src[t]]`` for ``r < repeats`` (keys and
+    """``buffer[first_rows[t] + r, :, slots[t]] = pool[src[t]]`` for ``r < repeats[t]`` (keys and
     values)."""
     for t in range(src.shape[0]):
         p, row, slot = src[t], first_rows[t], slots[t]
-        for r in range(repeats):
+        for r in range(repeats[t]):
             for h in range(keys.shape[1]):
                 for e in range(keys.shape[3]):
                     keys[row + r, h, slot, e] = pool_k[p, h, e]
@@ -88,14 +88,16 @@ class Arena:
 class BufferLayer(DynamicLayer):
     """A ``DynamicLayer`` that writes new keys and values in place into a buffer sized for the whole
     generation, instead of concatenating (which copies the whole cache at every token). Prompt rows
-    are repeated in the first update (``repeats``) and finished rows leave in place
+    are repeated in the first update (``counts``: rows per prompt) and finished rows leave in place
     (:meth:`fill_holes`); the cache's own row reordering is not supported. Growing past the planned
     length copies into the other of two buffers that take turns. ``keys``/``values`` are views of
     the filled part."""
 
-    def __init__(self, capacity: int, arena: Arena, index: int, repeats: int = 1):
+    def __init__(self, capacity: int, arena: Arena, index: int, counts: int | np.ndarray = 1):
         super().__init__()
-        self.capacity, self.arena, self.index, self.repeats = int(capacity), arena, index, int(repeats)
+        self.capacity, self.arena, self.index = int(capacity), arena, index
+        self.counts = counts if isinstance(counts, np.ndarray) else None  # rows per prompt, when they differ
+        self.repeats = 0 if self.counts is not None else int(counts)  # rows per prompt, when all have as many
         self.length = 0
         self.side = 0
         self.prompt_pass = True
@@ -118,41 +120,50 @@ class BufferLayer(DynamicLayer):
         self._load = load
         self._views()
 
-    def _load_prefix(self, pool_k, pool_v, src, first_rows, slots) -> None:
+    def _load_prefix(self, pool_k, pool_v, src, first_rows, slots, reps) -> None:
         """Write pool tokens ``src`` at positions ``slots`` of rows ``first_rows`` and the
-        ``repeats - 1`` rows after each."""
+        ``reps - 1`` rows after each."""
         if _numba_copies(self._k):
-            _copy_in(self._k.numpy(), self._v.numpy(), pool_k.numpy(), pool_v.numpy(), src, first_rows, slots,
-                     self.repeats)
+            _copy_in(self._k.numpy(), self._v.numpy(), pool_k.numpy(), pool_v.numpy(), src, first_rows, slots, reps)
             return
-        device = self._k.device
-        rows = torch.from_numpy(first_rows[:, None] + np.arange(self.repeats)).to(device)  # [tokens, repeats]
-        at = torch.from_numpy(np.broadcast_to(slots[:, None], rows.shape).copy()).to(device)
-        src = torch.from_numpy(src).to(device)
-        self._k.transpose(1, 2)[rows, at] = pool_k[src][:, None]
-        self._v.transpose(1, 2)[rows, at] = pool_v[src][:, None]
+        which, rows = _spans(first_rows, reps)  # each token's rows, one after another
+        rows, at, src = (torch.from_numpy(x).to(self._k.device) for x in (rows, slots[which], src[which]))
+        self._k.transpose(1, 2)[rows, at] = pool_k[src]
+        self._v.transpose(1, 2)[rows, at] = pool_v[src]
+
+    def _rows(self, prompts: int) -> int:
+        """Rows for ``prompts`` prompts."""
+        return prompts * self.repeats if self.counts is None else int(self.counts.sum())
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.allocate(key_states.shape[0] * self.repeats, key_states, value_states)
+            self.allocate(self._rows(key_states.shape[0]), key_states, value_states)
         if self._load is not None:
             # the stored prefix's keys and values go in at this layer's first update, inside the
             # forward pass that reads them (as a paged-attention kernel reads them from its pool)
             self._load_prefix(*self._load)
             self._load = None
-        if self.prompt_pass and self.repeats > 1:
+        if self.prompt_pass and self._k.shape[0] != key_states.shape[0]:
             # the prompt pass: its keys and values written straight into each sample's row; it
             # attends within its own rows, to what was prefilled before it as well
             self.prompt_pass = False
             rows, start = key_states.shape[0], self.length
             end = start + key_states.shape[-2]
-            self._k[:, :, start:end].unflatten(0, (rows, self.repeats))[:] = key_states[:, None]
-            self._v[:, :, start:end].unflatten(0, (rows, self.repeats))[:] = value_states[:, None]
+            if self.counts is None:
+                self._k[:, :, start:end].unflatten(0, (rows, self.repeats))[:] = key_states[:, None]
+                self._v[:, :, start:end].unflatten(0, (rows, self.repeats))[:] = value_states[:, None]
+            else:
+                owner = torch.from_numpy(np.repeat(np.arange(rows), self.counts)).to(key_states.device)
+                self._k[:, :, start:end] = key_states[owner]
+                self._v[:, :, start:end] = value_states[owner]
             self.length = end
             self._views()
             if start == 0:
                 return key_states, value_states
-            return self.keys[:: self.repeats], self.values[:: self.repeats]  # each prompt's first row
+            if self.counts is None:
+                return self.keys[:: self.repeats], self.values[:: self.repeats]  # each prompt's first row
+            first = torch.from_numpy(np.cumsum(self.counts) - self.counts).to(key_states.device)
+            return self.keys[first], self.values[first]
         self.prompt_pass = False
         end = self.length + key_states.shape[-2]
         if end > self._k.shape[2]:  # more tokens than planned for: move to a larger buffer
@@ -178,7 +189,7 @@ class BufferLayer(DynamicLayer):
         raise NotImplementedError("rows leave a BufferCache through drop_rows")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("a BufferCache repeats its prompt rows in its first update (repeats=)")
+        raise NotImplementedError("a BufferCache repeats its prompt rows in its first update (counts=)")
 
     def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int, starts: torch.Tensor) -> None:
         """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only; on the CPU,
@@ -198,14 +209,15 @@ class BufferLayer(DynamicLayer):
 class BufferCache(DynamicCache):
     """A ``DynamicCache`` made of :class:`BufferLayer` s of ``capacity`` positions in ``arena``."""
 
-    def __init__(self, capacity: int, arena: Arena, repeats: int = 1):
-        """``repeats > 1``: the first forward pass (the prompts) fills ``repeats`` rows per prompt."""
-        Cache.__init__(self, layer_class_to_replicate=lambda: BufferLayer(capacity, arena, len(self.layers), repeats))
-        self.repeats = int(repeats)
+    def __init__(self, capacity: int, arena: Arena, counts: int | np.ndarray = 1):
+        """``counts``: the rows the first forward pass (the prompts) fills per prompt, as many for
+        each (an int) or one number per prompt (an array)."""
+        Cache.__init__(self, layer_class_to_replicate=lambda: BufferLayer(capacity, arena, len(self.layers), counts))
+        self.counts = counts
 
     def prefill(self, rows: int, length: int, prefixes: PrefixCache,
                 parts: list[tuple[int, int, PrefixEntry, int]]) -> None:
-        """Before the first forward pass: every layer's buffers for ``rows`` rows (``repeats`` per
+        """Before the first forward pass: every layer's buffers for ``rows`` rows (``counts`` per
         prompt), their first ``length`` positions counted as filled. ``parts``: ``(prompt, slot,
         entry, count)``, the first ``count`` positions of ``entry`` (in ``prefixes``) go from
         position ``slot`` into each of the prompt's rows; each layer copies them in at its first
@@ -213,12 +225,16 @@ class BufferCache(DynamicCache):
         rep = self.layer_class_to_replicate
         part, slots = _spans(np.array([s for _, s, _, _ in parts]), np.array([count for *_, count in parts]))
         src = np.concatenate([entry.tokens[:count] for _, _, entry, count in parts])
-        first_rows = np.array([prompt for prompt, *_ in parts])[part] * self.repeats
+        prompt = np.array([i for i, *_ in parts])[part]
+        if isinstance(self.counts, np.ndarray):
+            first_rows, reps = (np.cumsum(self.counts) - self.counts)[prompt], self.counts[prompt]
+        else:
+            first_rows, reps = prompt * self.counts, np.full(len(prompt), self.counts)
         for pool_k, pool_v in prefixes.pools:
             layer = rep()
             self.layers.append(layer)
             layer.allocate(rows, pool_k[None].transpose(1, 2), pool_v[None].transpose(1, 2), length,
-                           load=(pool_k, pool_v, src, first_rows, slots))
+                           load=(pool_k, pool_v, src, first_rows, slots, reps))
 
     def copy_out(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
                  pools: list[tuple[torch.Tensor, torch.Tensor]], dst: np.ndarray) -> None:
@@ -319,15 +335,18 @@ class PrefixCache:
         return entry
 
     def store_rows(self, cache: BufferCache, at: np.ndarray, tokens: np.ndarray, kept_end: np.ndarray,
-                   ends: np.ndarray | None, first: np.ndarray, width: int, entries: list[PrefixEntry | None]
-                   ) -> list[tuple[int, np.ndarray] | None]:
+                   ends: np.ndarray | None, first: np.ndarray, width: int, entries: list[PrefixEntry | None],
+                   limits: np.ndarray | None = None) -> list[tuple[int, np.ndarray] | None]:
         """Store the contexts of the generating rows at batch positions ``at`` of ``cache``: each
         row's prompt (right-aligned at ``width``, its first position ``first``) and its tokens
         (``tokens``, a row each) up to and including the first in ``kept_end`` (a boolean table
         over the vocabulary), when that comes no later than the first in ``ends``. ``entries``:
         each row's prompt's entry, if it had one: its slots are shared, and only the rest is
-        copied. Returns per row ``(tokens kept, slots)``, or None (no such token, or no room)."""
+        copied. ``limits``: per row, the tokens that count (the rest rode along after it stopped).
+        Returns per row ``(tokens kept, slots)``, or None (no such token, or no room)."""
         hit = kept_end[tokens]
+        if limits is not None:
+            hit &= np.arange(tokens.shape[1]) < limits[:, None]
         kept = hit.argmax(1) + 1  # tokens up to and including the first kept_end token
         ok = hit.any(1)
         if ends is not None:
@@ -440,6 +459,15 @@ class PrefixCache:
             spelled = full.startswith(prompt) and head.endswith(stop) and stop not in head[: -len(stop)]
             if spelled and sample.startswith(head):
                 self.put(full, PrefixEntry(tuple(ids), slots))
+            else:
+                self.release(slots)
+
+    def keep_spelled(self, contexts: list[tuple[str, list[int], np.ndarray]], decode) -> None:
+        """Keep stored contexts ``(text, token ids, slots)`` whose ids decode (``decode``: lists of
+        ids -> texts) to exactly their text; the others' slots are released."""
+        for (text, ids, slots), full in zip(contexts, decode([ids for _, ids, _ in contexts])):
+            if full == text:
+                self.put(text, PrefixEntry(tuple(ids), slots))
             else:
                 self.release(slots)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,10 @@ class Sample:
     duplicate: bool = False
     """With ``generate(..., unique_heads=True)``: its head repeated the head of an earlier sample
     of the same prompt, so it was stopped right after it (its text is the head)."""
+    parked: bool = False
+    """With ``generate(..., park=N)``: the call returned while this sample was still running (its
+    text is what it had so far, ``finished`` is False); ``generate([prompt + text])`` continues
+    it (from one position, with the prefix cache it was stored in)."""
 
 
 class TransformersPolicy:
@@ -115,29 +120,50 @@ class TransformersPolicy:
         self,
         prompts: list[str],
         *,
-        num_samples: int = 1,
+        num_samples: int | Sequence[int] = 1,
         temperature: float = 1.0,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | Sequence[int] = 64,
         stop: str | None = "\n",
         head_stop: str | None = None,
         unique_heads: bool = False,
         prefix_cache: PrefixCache | None = None,
+        park: int = 0,
     ) -> list[list[Sample]]:
         """``num_samples`` continuations of each prompt (greedy when ``temperature == 0``), each
-        ended by ``stop`` (kept in the text), end-of-sequence (dropped) or ``max_new_tokens``.
+        ended by ``stop`` (kept in the text), end-of-sequence (dropped) or ``max_new_tokens`` (one
+        number for all prompts, or one per prompt).
         Returns one list of samples per prompt. Each prompt is run through the model once, for all
-        of its ``num_samples`` rows. With ``head_stop``, each sample also reports the length and
-        log-probability of its head, the part up to the first ``head_stop`` (for example its first
-        line, while it runs on to the end of the solution).
+        of its ``num_samples`` rows (one number for all prompts, or one per prompt). With
+        ``head_stop``, each sample also reports the length and log-probability of its head, the
+        part up to the first ``head_stop`` (for example its first line, while it runs on to the end
+        of the solution).
         With ``unique_heads`` as well, only the first sample of a prompt to finish a given head
         runs on past it; a later one with the same head stops there (``Sample.duplicate``), as its
         continuation would only repeat a draw from the same distribution.
         With a ``prefix_cache`` (see :meth:`prefix_cache`), a prompt found in it skips its prompt
         pass (only its last token is run), and each sample's prompt extended by its head (with
-        ``head_stop``; else by its text, when it ended on ``stop``) is stored in it."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        ``head_stop``; else by its text, when it ended on ``stop``) is stored in it.
+        With ``park > 0``, a batch returns as soon as at most ``park`` of its rows still run and
+        each of those has finished its head: they come back parked (``Sample.parked``), their
+        text so far (and, with a ``prefix_cache``, the whole context, prompt and text, stored in
+        it), to be continued by a later call with more rows to share its decoding steps."""
+        if park < 0:
+            raise ValueError(f"park must be >= 0, got {park}")
         prompts = list(prompts)
+        counts = np.full(len(prompts), num_samples, np.int64) if np.ndim(num_samples) == 0 else np.array(
+            num_samples, np.int64).reshape(-1)
+        if len(counts) != len(prompts):
+            raise ValueError(f"num_samples has {len(counts)} numbers for {len(prompts)} prompts; give one per "
+                             "prompt, or a single number for all")
+        if len(counts) and counts.min() < 1:
+            raise ValueError(f"num_samples must be >= 1, got {int(counts.min())}")
+        caps = np.full(len(prompts), max_new_tokens, np.int64) if np.ndim(max_new_tokens) == 0 else np.array(
+            max_new_tokens, np.int64).reshape(-1)
+        if len(caps) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(caps)} numbers for {len(prompts)} prompts; give one per "
+                             "prompt, or a single number for all")
+        if len(caps) and caps.min() < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {int(caps.min())}")
         entries: list[PrefixEntry | None] = [None] * len(prompts)
         if prefix_cache is not None:
             if prefix_cache.model is not self.model:
@@ -147,15 +173,15 @@ class TransformersPolicy:
                 if e is not None:
                     prefix_cache.hold(e.tokens)
         try:
-            return self._generate(prompts, entries, num_samples, temperature, max_new_tokens, stop, head_stop,
-                                  unique_heads, prefix_cache)
+            return self._generate(prompts, entries, counts, temperature, caps, stop, head_stop,
+                                  unique_heads, prefix_cache, int(park))
         finally:
             for e in entries:
                 if e is not None:
                     prefix_cache.release(e.tokens)
 
-    def _generate(self, prompts, entries, num_samples, temperature, max_new_tokens, stop, head_stop, unique_heads,
-                  prefix_cache) -> list[list[Sample]]:
+    def _generate(self, prompts, entries, counts, temperature, caps, stop, head_stop, unique_heads,
+                  prefix_cache, park) -> list[list[Sample]]:
         missing = [i for i, e in enumerate(entries) if e is None]
         encoded = iter(self._encode([prompts[i] for i in missing]) if missing else ())
         ids = [list(e.ids) if e is not None else next(encoded) for e in entries]
@@ -170,42 +196,62 @@ class TransformersPolicy:
             kept_end = heads if head_stop else self._token_table(self._token_ids_containing(stop))
         # longest first, so prompts of similar length share a batch and padding stays small
         order = np.argsort([-len(x) for x in ids], kind="stable")
-        per_batch = max(1, self.batch_size // num_samples)
         results: list[list[Sample]] = [[] for _ in prompts]
         self.model.eval()
-        for start in range(0, len(order), per_batch):
-            chunk = order[start : start + per_batch]
+        for chunk in self._chunks(order, counts):
             saved: dict = {}
-            decoded = self._decode([ids[i] for i in chunk], repeats=num_samples, max_new_tokens=int(max_new_tokens),
+            parked: dict = {}
+            rows = counts[chunk]
+            owner = np.repeat(np.arange(len(chunk)), rows)  # each row's prompt in the chunk
+            limits = caps[chunk]
+            decoded = self._decode([ids[i] for i in chunk], counts=rows, max_new_tokens=int(limits.max()),
+                                   limits=None if (limits == limits[0]).all() else limits[owner],
                                    temperature=float(temperature), ends=ends, heads=heads,
-                                   unique_heads=bool(unique_heads and heads is not None and num_samples > 1),
+                                   unique_heads=bool(unique_heads and heads is not None and rows.max() > 1),
                                    prefix_cache=prefix_cache, prefixes=[entries[i] for i in chunk],
-                                   kept_end=kept_end, saved=saved)
+                                   kept_end=kept_end, saved=saved, park=park, parked=parked)
             texts = self._texts([toks[:-1] if toks and self.eos_id is not None and toks[-1] == self.eos_id else toks
                                  for toks, *_ in decoded])  # the end-of-sequence token is dropped
-            for row, (text, (toks, lp, finished, head_len, head_lp, dup)) in enumerate(zip(texts, decoded)):
+            for row, (text, (toks, lp, finished, head_len, head_lp, dup, held)) in enumerate(zip(texts, decoded)):
                 if stop and stop in text:
                     text = text[: text.index(stop) + len(stop)]
                 texts[row] = text
-                results[chunk[row // num_samples]].append(Sample(text, lp, len(toks), finished, head_len, head_lp,
-                                                                 dup))
+                results[chunk[owner[row]]].append(Sample(text, lp, len(toks), finished, head_len, head_lp, dup,
+                                                         held))
             if saved:  # each row's prompt extended by its kept tokens, keyed by their text
-                prefix_cache.keep([(prompts[chunk[r // num_samples]], ids[chunk[r // num_samples]] + decoded[r][0][:k],
-                                    texts[r], slots) for r, (k, slots) in saved.items()], kept_stop, self._texts)
+                prefix_cache.keep([(prompts[chunk[owner[r]]], ids[chunk[owner[r]]] + decoded[r][0][:k], texts[r], slots)
+                                   for r, (k, slots) in saved.items()], kept_stop, self._texts)
+            if parked:  # each parked row's whole context
+                prefix_cache.keep_spelled([(prompts[chunk[owner[r]]] + texts[r], ids[chunk[owner[r]]] + decoded[r][0],
+                                            slots) for r, slots in parked.items()], self._texts)
         return results
+
+    def _chunks(self, order: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+        """``order`` cut into runs of prompts whose rows (``counts``) fill at most ``batch_size``
+        rows (at least one prompt each)."""
+        chunks, start, rows = [], 0, 0
+        for i, c in enumerate(counts[order].tolist()):
+            if i > start and rows + c > self.batch_size:
+                chunks.append(order[start:i])
+                start, rows = i, 0
+            rows += c
+        if start < len(order):
+            chunks.append(order[start:])
+        return chunks
 
     def prefix_cache(self, max_bytes: int = 1 << 30) -> PrefixCache:
         """A new :class:`engine.kv_cache.PrefixCache` for :meth:`generate` with this model (up to
         ``max_bytes`` of keys and values; valid while the weights stay as they are)."""
         return PrefixCache(self.model, max_bytes)
 
-    def _decode(self, batch: list[list[int]], *, repeats: int, max_new_tokens: int, temperature: float,
+    def _decode(self, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens: int, temperature: float,
                 ends: torch.Tensor | None, heads: torch.Tensor | None = None, unique_heads: bool = False,
                 prefix_cache: PrefixCache | None = None, prefixes: list[PrefixEntry | None] | None = None,
-                kept_end: torch.Tensor | None = None, saved: dict | None = None
-                ) -> list[tuple[list[int], float, bool, int, float, bool]]:
-        """Sample ``repeats`` continuations of each prompt in ``batch`` with a KV cache (rows
-        ``i * repeats ... i * repeats + repeats - 1`` continue prompt ``i``). Each prompt is run
+                kept_end: torch.Tensor | None = None, saved: dict | None = None, park: int = 0,
+                parked: dict | None = None, limits: np.ndarray | None = None
+                ) -> list[tuple[list[int], float, bool, int, float, bool, bool]]:
+        """Sample ``counts[i]`` continuations of each prompt ``i`` in ``batch`` with a KV cache (the
+        rows in prompt order: prompt 0's, then prompt 1's...). Each prompt is run
         through the model once, its keys and values written into each of its rows; the cache is
         written in place into buffers sized for the whole generation (no per-token concatenation),
         reused from one call to the next. Finished rows leave the batch
@@ -221,7 +267,11 @@ class TransformersPolicy:
         ``kept_end`` (before any end token; rows stopped as repeats excepted) has the keys and
         values of its prompt and tokens up to that one, but the last, copied into ``prefix_cache``
         before it leaves the batch, as ``saved[row] = (tokens kept, pool slots)`` (the slots of
-        its prompt's entry are shared, not copied)."""
+        its prompt's entry are shared, not copied).
+        ``limits``: per row, its own ``max_new_tokens`` (at most the one given), or None.
+        ``park`` (see :meth:`generate`): the rows still running when the batch returns early come
+        back with the last flag set; with a ``prefix_cache``, each one's whole context goes into
+        its pools, as ``parked[row] = pool slots`` (sharing its ``saved`` slots)."""
         n0 = len(batch)
         width = max(len(x) for x in batch)
         total = width + max_new_tokens
@@ -233,21 +283,22 @@ class TransformersPolicy:
         mask0[:, :width] = torch.from_numpy(filled)
         input_ids, mask0 = torch.from_numpy(ids_np).to(self.device), mask0.to(self.device)
         positions = (mask0[:, :width].cumsum(-1) - 1).clamp(min=0)
-        cache = BufferCache(total, self._arena, repeats)
+        n = int(counts.sum())
+        owner = np.repeat(np.arange(n0), counts)  # each row's prompt
+        cache = BufferCache(total, self._arena, int(counts[0]) if (counts == counts[0]).all() else counts)
         window = width  # the positions the prompt pass runs: those no prefix entry covers
         if prefixes is not None and any(e is not None for e in prefixes):
             window = max(1 if e is not None else int(k) for e, k in zip(prefixes, lengths))
             if window < width:
-                cache.prefill(n0 * repeats, width - window, prefix_cache, [
+                cache.prefill(n, width - window, prefix_cache, [
                     (i, width - int(k), e, int(k) - window) for i, (e, k) in enumerate(zip(prefixes, lengths))
                     if e is not None and k > window])
         logits = self.model(input_ids=input_ids[:, width - window :], attention_mask=mask0[:, :width],
                             position_ids=positions[:, width - window :], use_cache=True,
                             **{self._cache_kw(): cache}, **self._last_logits_only()).logits[:, -1]
-        prompt_row = torch.arange(n0, device=self.device).repeat_interleave(repeats)
+        prompt_row = torch.from_numpy(owner).to(self.device)
         logits, mask, next_pos = logits[prompt_row], self._step_mask(mask0)[prompt_row], positions[prompt_row, -1] + 1
         first = torch.from_numpy(width - lengths).to(self.device)[prompt_row]  # each row's first real position
-        n = n0 * repeats
         cap = max(max_new_tokens, 1)
         rows = torch.arange(n, device=self.device)  # original row of each batch position
         out_tok = torch.zeros((n, cap), dtype=torch.long, device=self.device)
@@ -269,6 +320,12 @@ class TransformersPolicy:
         any_open = unique_heads
         seen: set[tuple[int, int]] = set()
         repeats_cut: dict[int, int] = {}
+        held: set[int] = set()  # rows parked
+        capped: dict[int, np.ndarray] = {}  # step -> the rows whose own limit it is
+        if limits is not None:
+            for k in np.unique(limits[limits < max_new_tokens]).tolist():  # a limit of 0 stops after one step
+                capped[max(k, 1)] = np.concatenate([capped.get(max(k, 1), np.zeros(0, np.int64)),
+                                                    np.flatnonzero(limits == k)])
 
         def flush():
             if seg_tok:
@@ -314,7 +371,8 @@ class TransformersPolicy:
             at_np, row_np = at_np[new], row_np[new]
             toks = out_tok[torch.from_numpy(row_np).to(self.device), :steps].cpu().numpy()
             kept = prefix_cache.store_rows(cache, at_np, toks, kept_np, ends_np, first.cpu().numpy()[at_np], width,
-                                           [prefixes[r // repeats] if prefixes else None for r in row_np.tolist()])
+                                           [prefixes[owner[r]] if prefixes else None for r in row_np.tolist()],
+                                           None if limits is None else limits[row_np])
             saved.update((r, k) for r, k in zip(row_np.tolist(), kept) if k is not None)
 
         def judge(at: list[int], at_rows: list[int], hashes: list[int]) -> list[int]:
@@ -322,11 +380,11 @@ class TransformersPolicy:
             same prompt (a hash collision only costs a rollout sampled later)."""
             cut = []
             for i, r, h in zip(at, at_rows, hashes):
-                if (r // repeats, h) in seen:
+                if (owner[r], h) in seen:
                     cut.append(i)
                     repeats_cut[r] = steps
                 else:
-                    seen.add((r // repeats, h))
+                    seen.add((owner[r], h))
             return cut
 
         for t in range(max_new_tokens):
@@ -365,11 +423,23 @@ class TransformersPolicy:
                         any_open = bool((head_open & alive).any())
                 if ends is not None:
                     alive &= ~ends[tok]
-            if ends is not None or repeats_cut:
+            if limits is not None and steps in capped:  # rows at their own max_new_tokens stop
+                at = np.flatnonzero(np.isin(rows.cpu().numpy(), capped[steps]))
+                if fused:
+                    n_alive -= int(alive_np[at, 0].sum())
+                alive[torch.from_numpy(at).to(self.device)] = False
+            if ends is not None or repeats_cut or limits is not None:
                 if not fused:  # the kernel counts them
                     n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
+                if park and n_alive <= park and steps < max_new_tokens:  # (not at the cap: they are done)
+                    flush()
+                    seg_start = steps
+                    live = rows[alive[:, 0]]
+                    if heads is None or bool(heads[out_tok[live, :steps]].any(1).all()):
+                        held = set(live.tolist())  # parked: they go on in a later call
+                        break
                 # Finished rows ride along (their tokens are ignored) until a quarter of the batch
                 # has finished; then they leave it and the cache. A decoding step's cost grows with
                 # its rows (about 0.06 ms a row for the tiny default model on 2 CPU cores, 2 ms
@@ -395,6 +465,22 @@ class TransformersPolicy:
         flush()
         if storing:
             save(torch.arange(len(rows), device=self.device))
+        if held and prefix_cache is not None and parked is not None and steps:
+            at = torch.nonzero(alive[:, 0])[:, 0].cpu().numpy()
+            starts, shared, saved = [], [], saved or {}
+            for r, f in zip(rows.cpu().numpy()[at].tolist(), first.cpu().numpy()[at].tolist()):
+                if r in saved:  # continue the stored head: positions after its last but one token
+                    starts.append(width + saved[r][0] - 1)
+                    shared.append(saved[r][1])
+                elif prefixes and prefixes[owner[r]] is not None:
+                    starts.append(width - 1)
+                    shared.append(prefixes[owner[r]].tokens)
+                else:
+                    starts.append(f)
+                    shared.append(np.zeros(0, np.int64))
+            starts = np.array(starts, np.int64)
+            slots = prefix_cache.store(cache, at, starts, width + steps - 1 - starts, shared)
+            parked.update((r, k) for r, k in zip(rows.cpu().numpy()[at].tolist(), slots) if k is not None)
         # Lengths come from the tokens: a row ends at its first end token (what follows it, from
         # a finished row riding along, is ignored), else at the last step.
         position = torch.arange(cap, device=self.device)[None, :]
@@ -407,9 +493,11 @@ class TransformersPolicy:
             return found, torch.where(found, hit.byte().argmax(1) + 1, otherwise)  # argmax: the first True
 
         length = torch.full((n,), steps, dtype=torch.long, device=self.device)
+        if limits is not None:  # a row stopped at its own limit; what it sampled after, riding along, is ignored
+            length = torch.clamp(torch.from_numpy(limits).to(self.device), max=steps)
         ended = torch.zeros(n, dtype=torch.bool, device=self.device)
         if ends is not None:
-            ended, length = through_first(ends, position < steps, length)
+            ended, length = through_first(ends, position < length[:, None], length)
         if repeats_cut:  # rows stopped after a repeated head end there, unfinished
             cut_rows = torch.tensor(list(repeats_cut), dtype=torch.long, device=self.device)
             length[cut_rows] = torch.tensor(list(repeats_cut.values()), dtype=torch.long, device=self.device)
@@ -421,7 +509,7 @@ class TransformersPolicy:
             _, head = through_first(heads, keep_lp, length)
             head_sums = (out_lp * (position < head[:, None])).sum(-1, dtype=torch.float64).tolist()
         toks = out_tok[:, :steps].tolist()
-        return [(toks[r][:k], sums[r], e, h, head_sums[r], r in repeats_cut)
+        return [(toks[r][:k], sums[r], e, h, head_sums[r], r in repeats_cut, r in held)
                 for r, (k, e, h) in enumerate(zip(length.tolist(), ended.tolist(), head.tolist()))]
 
     def _token_table(self, ids) -> torch.Tensor:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from search import Candidate, Tree, mcts, sample_trajectories, tot_bfs, tot_dfs
+from search import Candidate, Tree, back_up, mcts, sample_trajectories, tot_bfs, tot_dfs
 
 __all__ = [
     "make_expand_fn",
@@ -16,6 +17,7 @@ __all__ = [
     "make_sample_fn",
     "make_self_eval_fn",
     "mix_evaluators",
+    "ParkedRollouts",
     "play_out",
     "walk_lines",
     "rollout_trajectories",
@@ -52,6 +54,86 @@ def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
     return reward, [c.text for c in steps]
 
 
+@dataclass
+class _Parked:
+    """A rollout still being sampled: the child it values (``node``, -1 until the child is made),
+    the context that continues it, its text so far and the tokens it may still take."""
+
+    tree: int
+    parent: int
+    step: str
+    context: str
+    text: str
+    tokens_left: int
+    node: int = -1
+
+
+class ParkedRollouts:
+    """Rollouts that an expansion call handed back still running (``generate(..., park=N)``): each
+    goes on as one more row of the next expansion call, and its child's value is backed up when it
+    ends (``back_up_fn(trees, nodes, values)``), a round or more late; :meth:`drain` ends those left
+    when the search does. Between, the child counts as not yet valued (``evaluate_fn`` gives NaN,
+    which :func:`search.back_up` skips)."""
+
+    def __init__(self, policy, env, *, rows: int, temperature: float, record: list | None, prefix_kw: dict,
+                 back_up_fn: Callable[[list[int], list[int], list[float]], None]):
+        self.policy, self.env, self.rows, self.temperature = policy, env, int(rows), temperature
+        self.record, self.prefix_kw, self.back_up_fn = record, prefix_kw, back_up_fn
+        self.waiting: list[_Parked] = []
+        self._unclaimed: dict[tuple[int, int, str], _Parked] = {}  # parked by the last call, child not made yet
+        self.parked = self.finished = 0
+
+    def add(self, tree: int, parent: int, step: str, context: str, text: str, tokens_left: int) -> None:
+        p = _Parked(tree, parent, step, context, text, tokens_left)
+        self.waiting.append(p)
+        self._unclaimed[(tree, parent, step)] = p
+        self.parked += 1
+
+    def claim(self, tree: int, parent: int, step: str, node: int) -> bool:
+        """Whether the child ``node`` (of ``parent``, by ``step``) has its rollout parked; it is
+        then valued when the rollout ends."""
+        p = self._unclaimed.pop((tree, parent, step), None)
+        if p is None:
+            return False
+        p.node = node
+        return True
+
+    def going(self) -> list[_Parked]:
+        """The rollouts to go on in the next call (those whose child was never made are dropped:
+        its step was merged away or refused)."""
+        self._unclaimed.clear()
+        self.waiting = [p for p in self.waiting if p.node >= 0]
+        return list(self.waiting)
+
+    def finish(self, tree: Tree, going: list[_Parked], samples) -> None:
+        """Extend ``going`` by their samples (one each); value and back up those that ended."""
+        still, done_b, done_n, done_v = [], [], [], []
+        for p, (s,) in zip(going, samples):
+            p.text, p.context, p.tokens_left = p.text + s.text, p.context + s.text, p.tokens_left - s.num_tokens
+            if s.parked and p.tokens_left > 0:
+                still.append(p)
+                continue
+            reward, steps = play_out(self.env, tree.states[p.tree][p.node], p.text)
+            if self.record is not None:
+                self.record.append((p.tree, p.node, steps, reward))
+            done_b.append(p.tree)
+            done_n.append(p.node)
+            done_v.append(reward)
+        gone = {id(p) for p in going}
+        self.waiting = [p for p in self.waiting if id(p) not in gone] + still
+        self.finished += len(done_b)
+        self.back_up_fn(done_b, done_n, done_v)
+
+    def drain(self, tree: Tree) -> None:
+        """End every parked rollout (one call, none parked again) and back up their values."""
+        going = self.going()
+        if going:
+            samples = self.policy.generate([p.context for p in going], num_samples=1, temperature=self.temperature,
+                                           max_new_tokens=[p.tokens_left for p in going], stop=None,
+                                           **self.prefix_kw)
+            self.finish(tree, going, samples)
+
+
 def _prefix_kw(prefix_cache) -> dict:
     """``generate``'s ``prefix_cache`` argument, left out when there is none (policies without
     prefix caching need not take it)."""
@@ -60,7 +142,7 @@ def _prefix_kw(prefix_cache) -> dict:
 
 def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, temperature: float,
                    step_max_tokens: int, continuations: dict | None = None, max_new_tokens: int = 0,
-                   prefix_cache=None):
+                   prefix_cache=None, parked: ParkedRollouts | None = None):
     """``expand_fn`` for :func:`search.mcts`: K sampled next lines per node, in one batched call,
     each stepped through ``env`` for its reward, terminal flag and state. A line longer than
     ``step_max_tokens`` tokens is not a step.
@@ -74,22 +156,32 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
     a batch that waits at each step for its longest line. A sample whose first line repeats an
     earlier one's (the two become one child) stops after it (``unique_heads``). With a
     ``prefix_cache`` (``policy.prefix_cache()``), the contexts of the children are kept with their
-    keys and values, so that expanding a child later skips the prompt pass over its context."""
+    keys and values, so that expanding a child later skips the prompt pass over its context.
+    With ``parked`` (shared with the evaluation), a call returns once at most ``parked.rows`` of
+    its rows still run, all past their first line: those rollouts go on in the next call, with its
+    rows, and their children are valued when they end (see :class:`ParkedRollouts`)."""
     shared = continuations is not None
     prefix_kw = _prefix_kw(prefix_cache)
+    park = {"park": parked.rows} if shared and parked is not None and parked.rows else {}
 
     def expand_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> list[list[Candidate]]:
         contexts = [prompts[b] + tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
         if shared:
             continuations.clear()  # left over from candidates that were dropped or merged
-            samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, stop=None, head_stop="\n", unique_heads=True,
-                                      **prefix_kw)
+            going = parked.going() if park else []
+            samples = policy.generate(contexts + [p.context for p in going],
+                                      num_samples=[num_candidates] * len(contexts) + [1] * len(going),
+                                      temperature=temperature,
+                                      max_new_tokens=[max_new_tokens] * len(contexts) + [p.tokens_left for p in going],
+                                      stop=None, head_stop="\n", unique_heads=True, **prefix_kw, **park)
+            if going:
+                parked.finish(tree, going, samples[len(contexts) :])
+                samples = samples[: len(contexts)]
         else:
             samples = policy.generate(contexts, num_samples=num_candidates, temperature=temperature,
                                       max_new_tokens=step_max_tokens, stop="\n", **prefix_kw)
         out = []
-        for b, n, group in zip(tree_index.tolist(), node_index.tolist(), samples):
+        for b, n, context, group in zip(tree_index.tolist(), node_index.tolist(), contexts, samples):
             cands = []
             for s in group:
                 text = _line(s.text)
@@ -103,7 +195,11 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
                 cands.append(Candidate(text=text, logprob=s.head_logprob, num_tokens=s.head_tokens,
                                        reward=float(reward), terminal=terminal, state=env.get_state()))
                 if shared and not terminal and not s.duplicate:
-                    continuations.setdefault((b, n, text), []).append(s.text.partition("\n")[2])
+                    rest = s.text.partition("\n")[2]
+                    if s.parked:
+                        parked.add(b, n, text, context + s.text, rest, max_new_tokens - s.num_tokens)
+                    else:
+                        continuations.setdefault((b, n, text), []).append(rest)
             out.append(cands)
         return out
 
@@ -112,18 +208,22 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
 
 def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: int, temperature: float,
                              max_new_tokens: int, record: list | None = None, continuations: dict | None = None,
-                             prefix_cache=None):
+                             prefix_cache=None, parked: ParkedRollouts | None = None):
     """``evaluate_fn`` that values a node by the mean reward of ``rollouts`` policy completions.
     Completions that expansion already sampled (``continuations``, keyed by tree, parent and step
     text; see :func:`make_expand_fn`) are used first; only the missing ones are sampled. When
     ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``. A
-    ``prefix_cache`` is read (see :func:`make_expand_fn`)."""
+    ``prefix_cache`` is read (see :func:`make_expand_fn`). A node whose rollout is ``parked`` (one
+    rollout per node) gets NaN, its value to come when the rollout ends."""
     prefix_kw = _prefix_kw(prefix_cache)
 
     def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
         nodes = list(zip(tree_index.tolist(), node_index.tolist()))
         texts = [continuations.pop((b, int(tree.parent[b, n]), tree.texts[b][n]), [])[:rollouts]
                  if continuations is not None else [] for b, n in nodes]
+        later = [rollouts == 1 and not t and parked is not None
+                 and parked.claim(b, int(tree.parent[b, n]), tree.texts[b][n], n) for (b, n), t in zip(nodes, texts)]
+        texts = [[None] if wait else t for t, wait in zip(texts, later)]
         for missing in sorted({rollouts - len(t) for t in texts} - {0}):  # one call per count missing
             rows = [j for j, t in enumerate(texts) if rollouts - len(t) == missing]
             contexts = [prompts[nodes[j][0]] + tree.prefix_text(*nodes[j]) for j in rows]
@@ -133,6 +233,9 @@ def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: i
                 texts[j] = texts[j] + [s.text for s in group]
         values = np.zeros(len(nodes))
         for j, ((b, n), group) in enumerate(zip(nodes, texts)):
+            if later[j]:
+                values[j] = np.nan
+                continue
             outcomes = [play_out(env, tree.states[b][n], text) for text in group]
             values[j] = np.mean([r for r, _ in outcomes])
             if record is not None:
@@ -225,9 +328,15 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     prefix_cache = None  # one per search: its entries hold for the current weights only
     if cfg.prefix_cache_mb and hasattr(policy, "prefix_cache"):
         prefix_cache = policy.prefix_cache(cfg.prefix_cache_mb << 20)
+    parked = None  # rollouts that go on in the next round's call (see ParkedRollouts)
+    if (cfg.search == "mcts" and cfg.leaf_eval == "rollout" and cfg.rollouts == 1 and cfg.park_rows
+            and prefix_cache is not None):
+        parked = ParkedRollouts(policy, env, rows=cfg.park_rows, temperature=cfg.temperature, record=rollout_record,
+                                prefix_kw=_prefix_kw(prefix_cache),
+                                back_up_fn=lambda b, n, v: back_up(tree, b, n, v, mode=cfg.backup))
     rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens, record=rollout_record,
-                                        continuations=continuations, prefix_cache=prefix_cache)
+                                        continuations=continuations, prefix_cache=prefix_cache, parked=parked)
     judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
                               verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
     evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge,
@@ -235,11 +344,14 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
                                temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
                                continuations=continuations, max_new_tokens=cfg.max_new_tokens,
-                               prefix_cache=prefix_cache)
+                               prefix_cache=prefix_cache, parked=parked)
     if cfg.search == "mcts":
-        return mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations,
-                    c_puct=cfg.c_puct, rule=cfg.rule, leaves_per_tree=cfg.leaves_per_tree,
-                    backup_mode=cfg.backup, max_depth=cfg.max_depth, progress=progress)
+        mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations, c_puct=cfg.c_puct,
+             rule=cfg.rule, leaves_per_tree=cfg.leaves_per_tree, backup_mode=cfg.backup, max_depth=cfg.max_depth,
+             progress=progress)
+        if parked is not None:
+            parked.drain(tree)
+        return tree
     if evaluate_fn is None:
         raise ValueError("tree-of-thoughts search needs a leaf evaluation; --leaf-eval outcome is for mcts")
     if cfg.search == "tot-bfs":

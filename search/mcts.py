@@ -84,12 +84,16 @@ def expand_nodes(
 
 def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float], *,
             mode: Literal["mean", "visit-weighted"] = "mean", gamma: float = 1.0) -> None:
-    """Back values up from the given nodes to their roots (one kernel call for all of them)."""
+    """Back values up from the given nodes to their roots (one kernel call for all of them). A NaN
+    value is one still pending (an evaluation that backs it up itself later): it is skipped."""
     if not trees:
         return
     tb = np.asarray(trees, np.int32)
     nb = np.asarray(nodes, np.int32)
     vb = np.asarray(values, np.float64)
+    known = ~np.isnan(vb)
+    if not known.all():
+        tb, nb, vb = tb[known], nb[known], vb[known]
     if mode == "mean":
         backup(tree.parent, tree.visits, tree.value_sum, tb, nb, vb)
     elif mode == "visit-weighted":

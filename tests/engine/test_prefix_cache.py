@@ -57,22 +57,28 @@ def _stored(policy, cache, prompts, samples=3):
     return _contexts(prompts, groups)
 
 
-@pytest.mark.parametrize("samples", [1, 3])
-def test_contexts_from_the_cache_generate_what_fresh_prompts_do(trained_model_dir, device, samples):
+@pytest.mark.parametrize("samples", [1, 3, "mixed", "mixed-torch"])
+def test_contexts_from_the_cache_generate_what_fresh_prompts_do(trained_model_dir, device, samples, monkeypatch):
+    """Uniform or mixed numbers of samples per prompt (mixed: 1, 2 or 3; also with the torch
+    copies on the CPU)."""
     policy = _policy(trained_model_dir, device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(3), 10)]
     cache = policy.prefix_cache()
     contexts = _stored(policy, cache, prompts)
     assert len(contexts) >= 10 and all(c in cache for c in contexts)
+    if samples == "mixed-torch":
+        monkeypatch.setattr(kv_cache, "_numba_copies", lambda t: False)
     for batch in (contexts, contexts[:6] + prompts[:3]):  # all found (one position run); some not (a window)
+        num = samples if isinstance(samples, int) else [1 + i % 3 for i in range(len(batch))]
         for temperature in (0.0, 1.0):
             torch.manual_seed(1)
-            cached = policy.generate(batch, num_samples=samples, temperature=temperature, max_new_tokens=30,
+            cached = policy.generate(batch, num_samples=num, temperature=temperature, max_new_tokens=30,
                                      stop=None, head_stop=STOP, prefix_cache=cache)
             torch.manual_seed(1)
-            fresh = policy.generate(batch, num_samples=samples, temperature=temperature, max_new_tokens=30,
+            fresh = policy.generate(batch, num_samples=num, temperature=temperature, max_new_tokens=30,
                                     stop=None, head_stop=STOP)
             _same(cached, fresh)
+            assert [len(g) for g in cached] == (num if isinstance(num, list) else [num] * len(batch))
     assert cache.hits >= 2 * (len(contexts) + 6)
     for text in contexts:  # an entry's ids are its text, its slots one per token but the last
         entry = cache.get(text)
@@ -92,6 +98,43 @@ def test_a_stop_stores_the_text_through_it(trained_model_dir, device):
     assert policy.generate(ended, max_new_tokens=0, prefix_cache=cache)[0][0].num_tokens == 0
     _same(policy.generate(ended, temperature=0.0, max_new_tokens=20, prefix_cache=cache),
           policy.generate(ended, temperature=0.0, max_new_tokens=20))
+
+
+def test_parked_samples_go_on_from_their_stored_context(trained_model_dir, device):
+    """``park``: a batch returns once few rows still run, their heads closed. Until then it draws
+    what the whole call draws; each parked sample, continued from its stored context (one position
+    run), scores as one forward pass over its whole text scores it."""
+    policy = _policy(trained_model_dir, device)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(3), 48)]
+    kw = dict(num_samples=3, temperature=2.0, max_new_tokens=80, stop="7", head_stop=STOP)  # heads close early
+    torch.manual_seed(6)
+    whole = policy.generate(prompts, **kw)
+    cache = policy.prefix_cache()
+    torch.manual_seed(6)
+    part = policy.generate(prompts, prefix_cache=cache, park=32, **kw)
+    parked = [(p, s) for p, g in zip(prompts, part) for s in g if s.parked]
+    assert 0 < len(parked) <= 32 and all(not s.finished and STOP in s.text for _, s in parked)
+    for g_whole, g_part in zip(whole, part):
+        for a, b in zip(g_whole, g_part):  # the same draws up to the return
+            assert a.text.startswith(b.text) if b.parked else (a.text, a.finished) == (b.text, b.finished)
+    assert all(p + s.text in cache for p, s in parked)
+    _check_entries(policy, cache)
+    hits = cache.hits
+    rest = policy.generate([p + s.text for p, s in parked], temperature=2.0, prefix_cache=cache, stop="7",
+                           head_stop=STOP, max_new_tokens=[80 - s.num_tokens for _, s in parked])
+    assert cache.hits == hits + len(parked)
+    assert max(s.num_tokens + g[0].num_tokens for (_, s), g in zip(parked, rest)) <= 80
+    scored = []  # (prompt, parked text + what followed, its log-probability), without an end-of-sequence token
+    for (p, s), (c,) in zip(parked, rest):
+        if c.text.endswith("7") or not c.finished:
+            scored.append((p, s.text + c.text, s.logprob + c.logprob))
+        elif STOP in c.text:  # ended by end-of-sequence (not in the text): up to its head
+            scored.append((p, s.text + c.text[: c.text.index(STOP) + 1], s.logprob + c.head_logprob))
+    assert scored
+    np.testing.assert_allclose(policy.logprobs([p for p, _, _ in scored], [t for _, t, _ in scored]),
+                               [lp for *_, lp in scored], atol=1e-4)
+    with pytest.raises(ValueError, match="park"):
+        policy.generate(prompts, park=-1)
 
 
 def test_children_share_their_parents_slots_and_copies_take_either_form(trained_model_dir, device, monkeypatch):
@@ -252,7 +295,7 @@ def test_search_with_the_prefix_cache_builds_the_same_trees(trained_model_dir, d
     original = policy.prefix_cache
     policy.prefix_cache = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
     tasks = list(islice(arithmetic_tasks(7), 8))
-    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=8, simulations=4)
+    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=8, simulations=4, park_rows=0)  # each round waits
     trees = []
     for mb in (0, 64):
         torch.manual_seed(0)
@@ -273,3 +316,4 @@ def test_prefix_cache_misuse_is_reported(trained_model_dir, device):
         policy.prefix_cache(-1)
     assert validate(dataclasses.replace(TrainConfig(), prefix_cache_mb=-1)) == [
         "--prefix-cache-mb must be >= 0, got -1"]
+    assert validate(dataclasses.replace(TrainConfig(), park_rows=-2)) == ["--park-rows must be >= 0, got -2"]

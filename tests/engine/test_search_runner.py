@@ -1,11 +1,13 @@
 """Every search algorithm and leaf evaluation, run with a real (briefly trained) tiny model."""
 
 import dataclasses
+from itertools import islice
 
 import numpy as np
 import pytest
 import torch
 
+from engine import search_runner
 from engine.config import TrainConfig
 from engine.loop import load_policy
 from engine.search_runner import play_out, rollout_trajectories, run_search
@@ -74,6 +76,9 @@ class RecordingPolicy:
     def logprobs(self, *a, **kw):
         return self.policy.logprobs(*a, **kw)
 
+    def prefix_cache(self, *a, **kw):
+        return self.policy.prefix_cache(*a, **kw)
+
 
 def rollout_lines(text, k):
     """The first ``k`` non-blank lines of ``text``, each ending in a newline (as rollouts record them)."""
@@ -83,7 +88,7 @@ def rollout_lines(text, k):
 @pytest.mark.parametrize("rollouts", [1, 2])
 def test_rollouts_continue_the_samples_that_proposed_the_steps(policy, rollouts):
     cfg = dataclasses.replace(TrainConfig(), simulations=3, num_candidates=3, rollouts=rollouts, max_new_tokens=40,
-                              step_max_tokens=16, max_depth=6)
+                              step_max_tokens=16, max_depth=6, park_rows=0)  # each round waits for its rollouts
     rec, record = RecordingPolicy(policy), []
     torch.manual_seed(0)
     tree = run_search(rec, MathEnv(max_steps=6), TASKS, cfg, rollout_record=record)
@@ -103,3 +108,46 @@ def test_rollouts_continue_the_samples_that_proposed_the_steps(policy, rollouts)
             assert any(text.startswith(step) and rollout_lines(text[len(step):], len(steps)) == steps
                        or text + "\n" == step and not steps for p, text in sampled if p == context)
     assert per_node and set(per_node.values()) == {rollouts}
+
+
+def test_parked_rollouts_go_on_in_the_next_round_and_value_their_nodes(policy):
+    """Rollouts still running when an expansion call returns go on as rows of the next round's call
+    (and of one last call after the search); every child is valued once, by its own rollout."""
+    tasks = list(islice(arithmetic_tasks(11), 32))
+    cfg = dataclasses.replace(TrainConfig(), tasks_per_iteration=32, simulations=4, num_candidates=3, park_rows=24,
+                              max_new_tokens=48, temperature=2.0)  # the test model's lines end sooner
+    rec, record = RecordingPolicy(policy), []
+    parked, made = [], []
+    original = search_runner.ParkedRollouts.finish
+
+    def finish(self, tree, going, samples):
+        made.append(self)
+        parked.extend((p.context, p.tokens_left, s[0].text, s[0].parked) for p, s in zip(going, samples))
+        return original(self, tree, going, samples)
+
+    search_runner.ParkedRollouts.finish = finish
+    try:
+        torch.manual_seed(0)
+        tree = run_search(rec, MathEnv(max_steps=cfg.max_depth), tasks, cfg, rollout_record=record)
+    finally:
+        search_runner.ParkedRollouts.finish = original
+    expansions = [kw for kw, _ in rec.calls if kw.get("head_stop") == "\n"]
+    assert len(expansions) == cfg.simulations and all(kw["park"] == 24 for kw in expansions)
+    assert parked and made[0].parked == made[0].finished > 0 and not made[0].waiting  # every one ended
+    went_on = [kw for kw in expansions[1:] if np.ndim(kw["num_samples"]) == 1 and min(kw["num_samples"]) == 1]
+    assert went_on or "head_stop" not in rec.calls[-1][0]  # as rows of a later expansion call, or in a last call
+    assert all("park" not in kw for kw, _ in rec.calls if kw.get("head_stop") is None)  # the others park nothing
+    # each parked rollout went on from its whole context, within what was left of its token cap
+    for _, left, text, _ in parked:
+        assert 0 < left < cfg.max_new_tokens and len(policy.tokenizer(text)["input_ids"]) <= left
+    # every child is valued once, by one rollout: the open ones, and those whose expansion later
+    # found nothing (marked terminal then); and visits add up to the root
+    valued = [(b, n) for b, n, _, _ in record]
+    open_children = {(b, i) for b in range(tree.batch_size) for i in range(1, tree.node_count[b])
+                     if not tree.terminal[b, i]}
+    assert len(valued) == len(set(valued)) and set(valued) >= open_children
+    assert all(tree.terminal[b, n] and tree.num_children[b, n] == 0 for b, n in set(valued) - open_children)
+    for b in range(tree.batch_size):
+        n = tree.node_count[b]
+        assert (tree.visits[b, 1:n] >= 1).all()
+        assert tree.visits[b, 0] >= tree.visits[b, tree.children(b, 0)].sum()

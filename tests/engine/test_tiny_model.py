@@ -106,6 +106,19 @@ def test_generate_shares_prompts_across_samples_and_batches(trained_model_dir, d
     torch.manual_seed(0)
     sampled = wide.generate(prompts[:1], num_samples=6, temperature=1.0, max_new_tokens=20, stop=None)[0]
     assert len({s.text for s in sampled}) > 1  # the copied cache rows are sampled independently
+    # a number of samples per prompt: the same rows as one call per prompt, in batches of at most 3 rows
+    mixed = TransformersPolicy(model, tok, device=device, batch_size=3).generate(
+        prompts, num_samples=[2, 1, 3], temperature=0.0, max_new_tokens=30, stop=None)
+    assert [len(g) for g in mixed] == [2, 1, 3]
+    alone = [wide.generate([p], num_samples=k, temperature=0.0, max_new_tokens=30, stop=None)[0]
+             for p, k in zip(prompts, [2, 1, 3])]
+    assert [[s.text for s in g] for g in mixed] == [[s.text for s in g] for g in alone]
+    np.testing.assert_allclose([s.logprob for g in mixed for s in g], [s.logprob for g in alone for s in g],
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="one per prompt"):
+        wide.generate(prompts, num_samples=[1, 2])
+    with pytest.raises(ValueError, match=">= 1"):
+        wide.generate(prompts, num_samples=[1, 0, 2])
 
 
 def test_inverse_cdf_sampling_draws_each_token_at_its_probability():
@@ -209,3 +222,21 @@ def test_unique_heads_stop_samples_that_repeat_a_first_line(trained_model_dir, d
     for group, other in zip(groups, free):  # the one that ran on is what it would have been
         kept = [s for s in group if not s.duplicate]
         assert len(kept) == 1 and kept[0].text == other[0].text and not any(s.duplicate for s in other)
+
+
+def test_a_token_cap_per_prompt_cuts_each_row_at_its_own(trained_model_dir, device):
+    """``max_new_tokens`` per prompt: each row stops at its own cap (as a call with that cap alone
+    would), and what a row sampled after it, riding along, counts for nothing."""
+    policy = TransformersPolicy(AutoModelForCausalLM.from_pretrained(trained_model_dir).to(device),
+                                AutoTokenizer.from_pretrained(trained_model_dir), device=device)
+    prompts = [t["prompt"] for _, t in zip(range(10), arithmetic_tasks(9))]
+    free = [g[0].num_tokens for g in policy.generate(prompts, temperature=0.0, max_new_tokens=40, stop="7")]
+    caps = [max(1, n // 2) if i % 2 else n + 3 for i, n in enumerate(free)]  # half of them cut short
+    capped = policy.generate(prompts, temperature=0.0, max_new_tokens=caps, stop="7")
+    alone = [policy.generate([p], temperature=0.0, max_new_tokens=c, stop="7")[0] for p, c in zip(prompts, caps)]
+    assert [g[0].text for g in capped] == [g[0].text for g in alone]
+    assert [g[0].finished for g in capped] == [g[0].finished for g in alone]
+    assert any(g[0].num_tokens == c and not g[0].finished for g, c in zip(capped, caps))  # some stopped at their cap
+    np.testing.assert_allclose([g[0].logprob for g in capped], [g[0].logprob for g in alone], atol=1e-4)
+    with pytest.raises(ValueError, match="one per prompt"):
+        policy.generate(prompts, max_new_tokens=[4, 5])

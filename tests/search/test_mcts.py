@@ -13,6 +13,7 @@ from envs import MathEnv
 from search import (
     Candidate,
     Tree,
+    back_up,
     extract_pairs,
     extract_trajectories,
     mcts,
@@ -104,6 +105,26 @@ def test_merge_candidates_priors():
     kept, pri = merge_candidates([Candidate("a", -2.0, 2), Candidate("b", -4.0, 2), Candidate("a", -2.0, 2)])
     assert [c.text for c in kept] == ["a", "b"]
     assert pri == pytest.approx(np.exp([-1, -2]) / np.exp([-1, -2]).sum())
+
+
+@pytest.mark.parametrize("mode", ["mean", "visit-weighted"])
+def test_back_up_skips_pending_values_and_takes_them_later(mode):
+    """A NaN value is pending: nothing moves; backing the value up later gives the statistics that
+    backing it up at once gives."""
+    def grown():
+        tree = Tree(1)
+        tree.add_children(0, 0, ["a\n", "b\n"], np.array([0.5, 0.5]), [0.0, 0.0], [False, False], [None, None])
+        tree.add_children(0, 1, ["c\n"], np.array([1.0]), [0.0], [False], [None])
+        return tree
+
+    now, later = grown(), grown()
+    back_up(now, [0, 0, 0], [1, 2, 3], [0.25, 1.0, 0.5], mode=mode)
+    back_up(later, [0, 0, 0], [1, 2, 3], [0.25, 1.0, float("nan")], mode=mode)
+    assert later.visits[0, 3] == 0 and later.visits[0, 0] == 2
+    back_up(later, [0], [3], [0.5], mode=mode)
+    np.testing.assert_array_equal(now.visits, later.visits)
+    if mode == "mean":  # (the visit-weighted form reads the children as they stand at each backup)
+        np.testing.assert_allclose(now.value_sum, later.value_sum)
 
 
 def test_bad_arguments():
