@@ -50,6 +50,18 @@ class Sample:
     it (from one position, with the prefix cache it was stored in)."""
 
 
+def _per_prompt(name: str, value, prompts: int, *, least: int) -> np.ndarray:
+    """``value`` (one number for all prompts, or one per prompt) as one integer per prompt, each at
+    least ``least``."""
+    out = np.full(prompts, value, np.int64) if np.ndim(value) == 0 else np.array(value, np.int64).reshape(-1)
+    if len(out) != prompts:
+        raise ValueError(f"{name} has {len(out)} numbers for {prompts} prompts; give one per prompt, or a single "
+                         "number for all")
+    if len(out) and out.min() < least:
+        raise ValueError(f"{name} must be >= {least}, got {int(out.min())}")
+    return out
+
+
 class TransformersPolicy:
     """A ``transformers`` causal LM behind the policy interface used by search and evaluation.
 
@@ -150,20 +162,8 @@ class TransformersPolicy:
         if park < 0:
             raise ValueError(f"park must be >= 0, got {park}")
         prompts = list(prompts)
-        counts = np.full(len(prompts), num_samples, np.int64) if np.ndim(num_samples) == 0 else np.array(
-            num_samples, np.int64).reshape(-1)
-        if len(counts) != len(prompts):
-            raise ValueError(f"num_samples has {len(counts)} numbers for {len(prompts)} prompts; give one per "
-                             "prompt, or a single number for all")
-        if len(counts) and counts.min() < 1:
-            raise ValueError(f"num_samples must be >= 1, got {int(counts.min())}")
-        caps = np.full(len(prompts), max_new_tokens, np.int64) if np.ndim(max_new_tokens) == 0 else np.array(
-            max_new_tokens, np.int64).reshape(-1)
-        if len(caps) != len(prompts):
-            raise ValueError(f"max_new_tokens has {len(caps)} numbers for {len(prompts)} prompts; give one per "
-                             "prompt, or a single number for all")
-        if len(caps) and caps.min() < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {int(caps.min())}")
+        counts = _per_prompt("num_samples", num_samples, len(prompts), least=1)
+        caps = _per_prompt("max_new_tokens", max_new_tokens, len(prompts), least=0)
         entries: list[PrefixEntry | None] = [None] * len(prompts)
         if prefix_cache is not None:
             if prefix_cache.model is not self.model:
