@@ -284,6 +284,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--prefix-cache-mb must be >= 0, got {cfg.prefix_cache_mb}")
     if cfg.park_rows < 0:
         problems.append(f"--park-rows must be >= 0, got {cfg.park_rows}")
+    elif cfg.park_rows and not (cfg.search == "mcts" and cfg.leaf_eval == "rollout" and cfg.rollouts == 1
+                                and cfg.prefix_cache_mb > 0):
+        problems.append("--park-rows parks MCTS rollouts: it needs --search mcts, --leaf-eval rollout, --rollouts 1 "
+                        "and the prefix cache (--prefix-cache-mb > 0); drop it or set those")
     if cfg.env == "code" and cfg.trainer == "tpo":
         problems.append("--trainer tpo needs ranked lists from a search tree; use it with --env math")
     if cfg.allow_config_change and cfg.resume is None:

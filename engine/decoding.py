@@ -154,6 +154,8 @@ def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens
         same prompt (a hash collision only costs a rollout sampled later)."""
         cut = []
         for i, r, h in zip(at, at_rows, hashes):
+            if limits is not None and limits[r] < steps:  # past its own cap (riding along): not a sample
+                continue
             if (owner[r], h) in seen:
                 cut.append(i)
                 repeats_cut[r] = steps

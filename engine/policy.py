@@ -52,7 +52,10 @@ class Sample:
 def _per_prompt(name: str, value, prompts: int, *, least: int) -> np.ndarray:
     """``value`` (one number for all prompts, or one per prompt) as one integer per prompt, each at
     least ``least``."""
-    out = np.full(prompts, value, np.int64) if np.ndim(value) == 0 else np.array(value, np.int64).reshape(-1)
+    given = np.asarray(value)
+    if given.dtype.kind not in "iu" or given.ndim > 1:
+        raise ValueError(f"{name} must be a whole number or a list of whole numbers (one per prompt), got {value!r}")
+    out = np.full(prompts, value, np.int64) if given.ndim == 0 else given.astype(np.int64)
     if len(out) != prompts:
         raise ValueError(f"{name} has {len(out)} numbers for {prompts} prompts; give one per prompt, or a single "
                          "number for all")
@@ -158,8 +161,8 @@ class TransformersPolicy:
         each of those has finished its head: they come back parked (``Sample.parked``), their
         text so far (and, with a ``prefix_cache``, the whole context, prompt and text, stored in
         it), to be continued by a later call with more rows to share its decoding steps."""
-        if park < 0:
-            raise ValueError(f"park must be >= 0, got {park}")
+        if not isinstance(park, (int, np.integer)) or park < 0:
+            raise ValueError(f"park must be a whole number >= 0, got {park!r}")
         prompts = list(prompts)
         counts = _per_prompt("num_samples", num_samples, len(prompts), least=1)
         caps = _per_prompt("max_new_tokens", max_new_tokens, len(prompts), least=0)

@@ -84,10 +84,11 @@ class ParkedRollouts:
         self.parked = self.finished = 0
 
     def add(self, tree: int, parent: int, step: str, context: str, text: str, tokens_left: int) -> None:
-        p = _Parked(tree, parent, step, context, text, tokens_left)
-        self.waiting.append(p)
-        self._unclaimed[(tree, parent, step)] = p
-        self.parked += 1
+        """A rollout parked by the last call (the first one for a step: the child takes one)."""
+        if (tree, parent, step) not in self._unclaimed:
+            p = _Parked(tree, parent, step, context, text, tokens_left)
+            self.waiting.append(p)
+            self._unclaimed[(tree, parent, step)] = p
 
     def claim(self, tree: int, parent: int, step: str, node: int) -> bool:
         """Whether the child ``node`` (of ``parent``, by ``step``) has its rollout parked; it is
@@ -96,6 +97,7 @@ class ParkedRollouts:
         if p is None:
             return False
         p.node = node
+        self.parked += 1
         return True
 
     def going(self) -> list[_Parked]:
@@ -169,11 +171,13 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
         if shared:
             continuations.clear()  # left over from candidates that were dropped or merged
             going = parked.going() if park else []
-            samples = policy.generate(contexts + [p.context for p in going],
-                                      num_samples=[num_candidates] * len(contexts) + [1] * len(going),
-                                      temperature=temperature,
-                                      max_new_tokens=[max_new_tokens] * len(contexts) + [p.tokens_left for p in going],
-                                      stop=None, head_stop="\n", unique_heads=True, **prefix_kw, **park)
+            counts, caps = num_candidates, max_new_tokens  # plain numbers unless rollouts go on
+            if going:
+                counts = [num_candidates] * len(contexts) + [1] * len(going)
+                caps = [max_new_tokens] * len(contexts) + [p.tokens_left for p in going]
+            samples = policy.generate(contexts + [p.context for p in going], num_samples=counts,
+                                      temperature=temperature, max_new_tokens=caps, stop=None, head_stop="\n",
+                                      unique_heads=True, **prefix_kw, **park)
             if going:
                 parked.finish(tree, going, samples[len(contexts) :])
                 samples = samples[: len(contexts)]

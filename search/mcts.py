@@ -125,7 +125,8 @@ def mcts(
     them), then makes one batched ``expand_fn`` call and one batched ``evaluate_fn`` call for all
     trees. ``evaluate_fn=None`` values only terminal nodes (outcome only). A selected leaf that is
     terminal, or at ``max_depth``, is not expanded: its own value (reward for terminal nodes, else
-    its current Q) is backed up again, as a repeat visit does in AlphaZero.
+    its current Q) is backed up again, as a repeat visit does in AlphaZero (nothing for a node whose
+    value ``evaluate_fn`` left pending, as NaN).
     """
     if num_simulations < 0:
         raise ValueError(f"num_simulations must be >= 0, got {num_simulations}")
@@ -138,6 +139,7 @@ def mcts(
     bsz = tree.batch_size
     leaves = np.zeros((bsz, leaves_per_tree), np.int32)
     rule_id = PUCT if rule == "puct" else UCT
+    pending: set[tuple[int, int]] = set()  # nodes whose value evaluate_fn left pending (NaN)
     for sim in range(num_simulations):
         select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
                       tree.node_count, c_puct, rule_id, normalize_q, virtual_loss, leaves)
@@ -149,9 +151,15 @@ def mcts(
         for b, node in zip(tb[~expandable].tolist(), nb[~expandable].tolist()):
             back_b.append(b)
             back_n.append(node)
-            back_v.append(tree.reward[b, node] if tree.terminal[b, node] else tree.q(b, node))
+            if tree.terminal[b, node]:
+                back_v.append(tree.reward[b, node])
+            elif (b, node) in pending and not tree.visits[b, node]:  # its value has not come yet: skipped
+                back_v.append(float("nan"))
+            else:
+                back_v.append(tree.q(b, node))
         eb, en, ev = expand_nodes(tree, tb[expandable], nb[expandable], expand_fn=expand_fn,
                                   evaluate_fn=evaluate_fn)
+        pending.update((b, n) for b, n, v in zip(eb, en, ev) if v != v)  # NaN: valued later, by the caller
         back_up(tree, back_b + eb, back_n + en, back_v + ev, mode=backup_mode, gamma=gamma)
         if progress is not None:
             progress(sim + 1, num_simulations)

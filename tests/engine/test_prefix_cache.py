@@ -317,3 +317,6 @@ def test_prefix_cache_misuse_is_reported(trained_model_dir, device):
     assert validate(dataclasses.replace(TrainConfig(), prefix_cache_mb=-1)) == [
         "--prefix-cache-mb must be >= 0, got -1"]
     assert validate(dataclasses.replace(TrainConfig(), park_rows=-2)) == ["--park-rows must be >= 0, got -2"]
+    for wrong in (dict(leaf_eval="self-eval"), dict(rollouts=2), dict(prefix_cache_mb=0), dict(search="tot-bfs")):
+        problems = validate(dataclasses.replace(TrainConfig(), park_rows=8, **wrong))
+        assert any(p.startswith("--park-rows parks MCTS rollouts") for p in problems), wrong

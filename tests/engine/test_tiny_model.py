@@ -240,3 +240,14 @@ def test_a_token_cap_per_prompt_cuts_each_row_at_its_own(trained_model_dir, devi
     np.testing.assert_allclose([g[0].logprob for g in capped], [g[0].logprob for g in alone], atol=1e-4)
     with pytest.raises(ValueError, match="one per prompt"):
         policy.generate(prompts, max_new_tokens=[4, 5])
+    with pytest.raises(ValueError, match="whole number"):
+        policy.generate(prompts, max_new_tokens=2.5)
+    with pytest.raises(ValueError, match="whole number"):
+        policy.generate(prompts, park=1.5)
+    # a cap of 0 returns nothing, even for rows whose first draw (riding along) would repeat a head
+    for seed in range(20):
+        torch.manual_seed(seed)
+        zero, other = policy.generate(["2+2\n", "3\n"], num_samples=[8, 1], max_new_tokens=[0, 5], stop=None,
+                                      head_stop="1", unique_heads=True, temperature=3.0)
+        assert all(s.num_tokens == 0 and s.text == "" and not s.duplicate for s in zero)
+        assert 0 < other[0].num_tokens <= 5

@@ -127,6 +127,36 @@ def test_back_up_skips_pending_values_and_takes_them_later(mode):
         np.testing.assert_allclose(now.value_sum, later.value_sum)
 
 
+def test_a_leaf_whose_value_is_pending_is_not_valued_by_a_repeat_visit():
+    """A child valued late (``evaluate_fn`` gives NaN; its value is backed up during the next
+    expansion call) and selected again at ``max_depth`` meanwhile backs up nothing, not its empty
+    Q as a 0: Q along the path is what valuing it at once gives (fewer visits: the repeat visits
+    while it was pending carried no value)."""
+    def run(late_values):
+        tree = Tree(1, capacity=8, root_states=[None])
+        late = []
+
+        def expand_fn(t, tb, nb):
+            for b, n, v in late:  # a rollout that went on ends during the next expansion call
+                back_up(t, [b], [n], [v])
+            late.clear()
+            return [[Candidate("a\n", logprob=-1.0, num_tokens=2, reward=0.0, terminal=False, state=None)]
+                    for _ in tb]
+
+        def evaluate_fn(t, tb, nb):
+            if not late_values:
+                return np.ones(len(tb))
+            late.extend((int(b), int(n), 1.0) for b, n in zip(tb, nb))
+            return np.full(len(tb), np.nan)
+
+        mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=3, max_depth=1, rule="uct")
+        for b, n, v in late:
+            back_up(tree, [b], [n], [v])
+        return tree.value_sum[0, :2] / tree.visits[0, :2]
+
+    np.testing.assert_array_equal(run(late_values=True), run(late_values=False))  # 1.0 each (0.33 before)
+
+
 def test_bad_arguments():
     tree = Tree(1)
     with pytest.raises(ValueError):
