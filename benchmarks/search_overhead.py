@@ -4,7 +4,8 @@ Runs MCTS (the engine's default search settings) with the tiny default model on 
 tasks and reports, measured in the same run:
 
 * the share of wall time spent outside the model's forward passes (tree kernels, environment
-  steps, tokenisation, generation bookkeeping); target <= 5%;
+  steps, tokenisation, generation bookkeeping); target <= 5%; split into the time inside
+  ``policy.generate`` around its forward passes and the time in the search itself;
 * how the search's forward time splits: prompt passes, and decoding steps of at most 16 rows (the
   tail of each call, when few rows are still running) with their share of the rows decoded;
 * generated tokens/s during search against plain batched sampling of the same number of tokens
@@ -101,7 +102,7 @@ class ForwardTimer:
 
 
 class CountingPolicy:
-    """Forwards to a policy and counts generated tokens, rows and calls."""
+    """Forwards to a policy and counts generated tokens, rows, calls and the time inside them."""
 
     def __init__(self, policy):
         self.policy = policy
@@ -109,10 +110,13 @@ class CountingPolicy:
 
     def reset(self):
         self.tokens = self.rows = self.calls = 0
+        self.seconds = 0.0
         self.cache = None
 
     def generate(self, prompts, **kw):
+        t0 = time.perf_counter()
         out = self.policy.generate(prompts, **kw)
+        self.seconds += time.perf_counter() - t0
         self.tokens += sum(s.num_tokens for group in out for s in group)
         self.rows += sum(len(group) for group in out)
         self.calls += 1
@@ -162,7 +166,8 @@ def main() -> None:
 
     def time_search():
         """The same seeded search each time (identical work): wall, forward time, tokens, requested
-        rows per batch, forward passes, nodes, decoded rows per decoding step."""
+        rows per batch, forward passes, nodes, decoded rows per decoding step, forward split, cache
+        statistics, time inside ``generate``."""
         timer.reset()
         counting.reset()
         torch.manual_seed(0)
@@ -170,7 +175,7 @@ def main() -> None:
         tree = run_search(counting, env, tasks, cfg)
         return (time.perf_counter() - t0, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
                 int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split(),
-                counting.cache.stats() if counting.cache is not None else None)
+                counting.cache.stats() if counting.cache is not None else None, counting.seconds)
 
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
@@ -201,7 +206,7 @@ def main() -> None:
         for key, rows in (("requested", run[3]), ("decoded", run[6])):
             p = time_plain(run[2], max(1, min(policy.batch_size, round(rows))))
             plain[key] = p if plain[key] is None or p[0] < plain[key][0] else plain[key]
-    wall, fwd, tokens, requested, calls, nodes, decoded, split, cache = best
+    wall, fwd, tokens, requested, calls, nodes, decoded, split, cache, in_generate = best
     search_tps = tokens / wall
     ratio = {k: search_tps / (p[1] / p[0]) for k, p in plain.items()}
 
@@ -210,6 +215,11 @@ def main() -> None:
           f"{calls} forward passes; best of {args.repeats} runs")
     print(f"wall {wall:.2f}s, inside forward passes {fwd:.2f}s: "
           f"outside share {outside:.1%} (target <= 5%)")
+    outside_split = {"generation": (in_generate - fwd) / wall, "search": (wall - in_generate) / wall}
+    print(f"  of which inside generate, around its forward passes (sampling, KV-cache row moves, prefix-cache "
+          f"copies, tokenising): {in_generate - fwd:.2f}s ({outside_split['generation']:.1%}); in the search "
+          f"itself (tree kernels, environment steps, contexts, values): {wall - in_generate:.2f}s "
+          f"({outside_split['search']:.1%})")
     for key, rows in (("requested", requested), ("decoded", decoded)):
         plain_tps = plain[key][1] / plain[key][0]
         print(f"tokens/s during search {search_tps:,.0f} vs plain batched sampling {plain_tps:,.0f} "
@@ -223,7 +233,8 @@ def main() -> None:
         print(f"prefix cache: {cache['hits']} of {cache['hits'] + cache['misses']} contexts found "
               f"({cache['entries']} stored, {cache['bytes'] / 2**20:.1f} MiB)")
     print(json.dumps({"tasks": args.tasks, "wall_s": wall, "forward_s": fwd, "prefix_cache": cache,
-                      "outside_forward_share": outside, "search_tokens_per_s": search_tps,
+                      "outside_forward_share": outside, "outside_forward_split": outside_split,
+                      "search_tokens_per_s": search_tps,
                       "plain_tokens_per_s": {k: p[1] / p[0] for k, p in plain.items()},
                       "requested_batch": requested, "decoded_batch": decoded,
                       "ratio_vs_plain": ratio, "forward_split": split,

@@ -72,7 +72,7 @@ def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens
                         **{policy._cache_kw(): cache}, **policy._last_logits_only()).logits[:, -1]
     prompt_row = torch.from_numpy(owner).to(policy.device)
     logits, mask, next_pos = logits[prompt_row], policy._step_mask(mask0)[prompt_row], positions[prompt_row, -1] + 1
-    first = torch.from_numpy(width - lengths).to(policy.device)[prompt_row]  # each row's first real position
+    first = (width - lengths)[owner]  # each row's first real position (on the host: see BufferCache.drop_rows)
     cap = max(max_new_tokens, 1)
     rows = torch.arange(n, device=policy.device)  # original row of each batch position
     out_tok = torch.zeros((n, cap), dtype=torch.long, device=policy.device)
@@ -132,19 +132,18 @@ def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens
         kept_np = kept_end.cpu().numpy()
         ends_np = ends.cpu().numpy() if ends is not None else None
 
-    def save(at: torch.Tensor) -> None:
-        """Copy out the keys and values kept from the rows at batch positions ``at`` (see
+    def save(at_np: np.ndarray) -> None:
+        """Copy out the keys and values kept from the rows at batch positions ``at_np`` (see
         ``saved`` above), before they are overwritten."""
         if steps == 0:  # nothing generated (max_new_tokens=0)
             return
-        at_np = at.cpu().numpy()
         row_np = rows.cpu().numpy()[at_np]
         new = [j for j, r in enumerate(row_np.tolist()) if r not in saved and r not in repeats_cut]
         if not new:
             return
         at_np, row_np = at_np[new], row_np[new]
         toks = out_tok[torch.from_numpy(row_np).to(policy.device), :steps].cpu().numpy()
-        kept = prefix_cache.store_rows(cache, at_np, toks, kept_np, ends_np, first.cpu().numpy()[at_np], width,
+        kept = prefix_cache.store_rows(cache, at_np, toks, kept_np, ends_np, first[at_np], width,
                                        [prefixes[owner[r]] if prefixes else None for r in row_np.tolist()],
                                        None if limits is None else limits[row_np])
         saved.update((r, k) for r, k in zip(row_np.tolist(), kept) if k is not None)
@@ -224,11 +223,13 @@ def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens
             if n_alive * 4 <= len(rows) * 3:
                 flush()
                 seg_start = steps
+                alive_host = alive[:, 0].cpu().numpy()
                 if storing:
-                    save(torch.nonzero(~alive[:, 0])[:, 0])
-                keep = cache.drop_rows(alive[:, 0], first)
-                rows, tok, mask, pos, alive = rows[keep], tok[keep], mask[keep], pos[keep], alive[keep]
+                    save(np.flatnonzero(~alive_host))
+                keep = cache.drop_rows(alive_host, first)
                 first = first[keep]
+                keep = torch.from_numpy(keep).to(policy.device)
+                rows, tok, mask, pos, alive = rows[keep], tok[keep], mask[keep], pos[keep], alive[keep]
                 head_hash, head_open = head_hash[keep], head_open[keep]
                 if fused:  # the kept rows' tokens go back into the buffer the kernel writes
                     tok_buf[: len(rows)] = tok
@@ -240,11 +241,11 @@ def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens
         pos = pos + 1
     flush()
     if storing:
-        save(torch.arange(len(rows), device=policy.device))
+        save(np.arange(len(rows)))
     if held and prefix_cache is not None and parked is not None and steps:
         at = torch.nonzero(alive[:, 0])[:, 0].cpu().numpy()
         starts, shared, saved = [], [], saved or {}
-        for r, f in zip(rows.cpu().numpy()[at].tolist(), first.cpu().numpy()[at].tolist()):
+        for r, f in zip(rows.cpu().numpy()[at].tolist(), first[at].tolist()):
             if r in saved:  # continue the stored head: positions after its last but one token
                 starts.append(width + saved[r][0] - 1)
                 shared.append(saved[r][1])

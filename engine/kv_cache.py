@@ -26,6 +26,11 @@ def _numba_copies(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
+def _fills_new_memory() -> bool:
+    """Whether torch writes new tensors' memory (deterministic mode fills uninitialised memory)."""
+    return torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory
+
+
 def _spans(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions ``starts[i] : starts[i] + counts[i]`` for each ``i``, one span after another, and
     the ``i`` of each."""
@@ -191,17 +196,17 @@ class BufferLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a BufferCache repeats its prompt rows in its first update (counts=)")
 
-    def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int, starts: torch.Tensor) -> None:
+    def fill_holes(self, holes: np.ndarray, movers: np.ndarray, rows: int, starts: np.ndarray) -> None:
         """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only; on the CPU,
         in single or double precision, by one numba copy from each mover's first attended position
         ``starts``), then keep the first ``rows`` rows."""
         if self.is_initialized:
             if len(holes) and _numba_copies(self._k):
-                move_rows(self._k.numpy(), self._v.numpy(), holes.numpy(), movers.numpy(), starts.numpy(),
-                          self.length)
+                move_rows(self._k.numpy(), self._v.numpy(), holes, movers, starts, self.length)
             elif len(holes):
+                at, to = (torch.from_numpy(x).to(self._k.device) for x in (movers, holes))
                 for buf, filled in ((self._k, self.keys), (self._v, self.values)):
-                    buf[:, :, : self.length].index_copy_(0, holes, filled.index_select(0, movers))
+                    buf[:, :, : self.length].index_copy_(0, to, filled.index_select(0, at))
             self._k, self._v = self._k[:rows], self._v[:rows]
             self._views()
 
@@ -251,20 +256,21 @@ class BufferCache(DynamicCache):
             pool_k[d] = layer._k.transpose(1, 2)[r, a]
             pool_v[d] = layer._v.transpose(1, 2)[r, a]
 
-    def drop_rows(self, alive: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    def drop_rows(self, alive: np.ndarray, first: np.ndarray) -> np.ndarray:
         """Keep the rows where ``alive`` (``[rows]`` bool) is True, moving as few as possible: each
         live row past the first ``n`` (``n`` = number alive) fills the place of a finished row among
         them, so the copy is proportional to the rows that finished, not to the rows that remain.
         ``first`` (``[rows]``): each row's first attended position (the attention mask, which
         moves with the rows, hides what lies before it). Returns the old row index of each
-        remaining row."""
-        n = int(alive.sum())
-        holes = torch.nonzero(~alive[:n])[:, 0]
-        movers = torch.nonzero(alive[n:])[:, 0] + n
+        remaining row. (NumPy arrays: the row bookkeeping is a few small operations, cheaper on
+        the host than as tensors on any device.)"""
+        n = int(np.count_nonzero(alive))
+        holes = np.flatnonzero(~alive[:n])
+        movers = np.flatnonzero(alive[n:]) + n
         starts = first[movers]
         for layer in self.layers:
             layer.fill_holes(holes, movers, n, starts)
-        order = torch.arange(n, device=alive.device)
+        order = np.arange(n)
         order[holes] = movers
         return order
 
@@ -310,6 +316,7 @@ class PrefixCache:
         self._refs = np.zeros(0, np.int32)  # entries (and pending rows) holding each slot
         self._free = np.zeros(0, np.int64)  # a stack of the free slots, its top at _top
         self._top = 0
+        self._reserved: list[torch.Tensor] | None = None  # on the CPU, the pools' memory (see _grown)
         self.token_bytes = 0
         self.hits = self.misses = self.stored = self.evicted = 0
 
@@ -396,16 +403,16 @@ class PrefixCache:
         return kept + [None] * (n - len(kept))
 
     def _make_room(self, n: int) -> bool:
-        """At least ``n`` free slots: grow the pools (doubling, up to ``max_bytes``), else drop the
-        fewest least recently used entries that free enough slots. False, dropping none, when even
-        dropping every entry would not (slots held by a running call or by its pending contexts
-        are not freed by dropping the entries that list them)."""
+        """At least ``n`` free slots: grow the pools (doubling, up to ``max_bytes``; see
+        :meth:`_grown`), else drop the fewest least recently used entries that free enough slots.
+        False, dropping none, when even dropping every entry would not (slots held by a running
+        call or by its pending contexts are not freed by dropping the entries that list them)."""
         capacity = len(self._refs)
         limit = self.max_bytes // max(self.token_bytes, 1)
         if self._top < n and capacity < limit:
             grown = min(limit, max(2 * capacity, capacity + n - self._top, 1024))
-            self.pools = [(torch.cat([k, k.new_empty((grown - capacity, *k.shape[1:]))]),
-                           torch.cat([v, v.new_empty((grown - capacity, *v.shape[1:]))])) for k, v in self.pools]
+            self.pools = [(self._grown(k, limit, grown, 2 * i), self._grown(v, limit, grown, 2 * i + 1))
+                          for i, (k, v) in enumerate(self.pools)]
             self._refs = np.concatenate([self._refs, np.zeros(grown - capacity, np.int32)])
             new = np.arange(grown - 1, capacity - 1, -1, dtype=np.int64)  # lowest slots on top of the stack
             self._free = np.concatenate([self._free[: self._top], new])
@@ -426,6 +433,26 @@ class PrefixCache:
             self.release(old.tokens)
             self.evicted += 1
         return True
+
+    def _grown(self, pool: torch.Tensor, limit: int, slots: int, index: int) -> torch.Tensor:
+        """``pool`` with ``slots`` slots, its contents kept. On the CPU, the first growth reserves
+        ``limit`` slots at once, untouched (the operating system maps memory as it is first
+        written), and each later growth is a longer view of them: nothing is copied. Elsewhere
+        (device memory is taken when reserved) the pool is copied into a larger one."""
+        if pool.device.type == "cpu":
+            if self._reserved is None and _fills_new_memory():  # it would write all of it
+                self._reserved = []
+            if self._reserved is None:
+                try:
+                    self._reserved = [t.new_empty((limit, *t.shape[1:])) for kv in self.pools for t in kv]
+                except (RuntimeError, MemoryError):  # no address space for it: grow by copying
+                    self._reserved = []
+            if self._reserved:
+                reserved = self._reserved[index]
+                if pool.numel() and pool.data_ptr() != reserved.data_ptr():
+                    reserved[: len(pool)] = pool
+                return reserved[:slots]
+        return torch.cat([pool, pool.new_empty((slots - len(pool), *pool.shape[1:]))])
 
     def _room(self) -> int:
         """Free slots there would be with every entry dropped: the free ones, and those that only

@@ -194,6 +194,28 @@ def test_a_small_cache_evicts_the_least_recently_used(trained_model_dir, device)
           policy.generate(children, temperature=0.0, max_new_tokens=20, stop=None, head_stop=STOP))
 
 
+@pytest.mark.parametrize("fill", [False, True])
+def test_growing_pools_keep_their_entries(trained_model_dir, device, fill, monkeypatch):
+    """Pools grow as contexts come; every entry still holds what a forward pass computes. On the
+    CPU, growth makes longer views of memory reserved once (nothing is copied, the same address);
+    with deterministic filling of new memory (which would write the whole reservation), and off
+    the CPU, the pools are copied into larger ones."""
+    if fill:
+        monkeypatch.setattr(kv_cache, "_fills_new_memory", lambda: True)
+    policy = _policy(trained_model_dir, device)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(6), 96)]
+    cache = policy.prefix_cache()
+    _stored(policy, cache, prompts[:16])
+    sizes, address = [len(cache._refs)], cache.pools[0][0].data_ptr()
+    for i in range(16, 96, 16):
+        _stored(policy, cache, prompts[i : i + 16])
+        sizes.append(len(cache._refs))
+    assert sizes[-1] > sizes[0] and cache.evicted == 0  # it grew, and kept everything
+    reserved = policy.device.type == "cpu" and not fill
+    assert (cache.pools[0][0].data_ptr() == address) == reserved
+    _check_entries(policy, cache)
+
+
 def test_held_slots_outlive_their_evicted_entry(trained_model_dir, device):
     """A call holds the entries it reads (its rows' contexts share their slots): evicted meanwhile,
     their slots are not reused until it releases them."""
