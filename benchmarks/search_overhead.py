@@ -215,6 +215,7 @@ def main() -> None:
           f"{calls} forward passes; best of {args.repeats} runs")
     print(f"wall {wall:.2f}s, inside forward passes {fwd:.2f}s: "
           f"outside share {outside:.1%} (target <= 5%)")
+    # every forward pass of this search (rollout values) runs inside generate
     outside_split = {"generation": (in_generate - fwd) / wall, "search": (wall - in_generate) / wall}
     print(f"  of which inside generate, around its forward passes (sampling, KV-cache row moves, prefix-cache "
           f"copies, tokenising): {in_generate - fwd:.2f}s ({outside_split['generation']:.1%}); in the search "

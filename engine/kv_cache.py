@@ -196,15 +196,20 @@ class BufferLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a BufferCache repeats its prompt rows in its first update (counts=)")
 
-    def fill_holes(self, holes: np.ndarray, movers: np.ndarray, rows: int, starts: np.ndarray) -> None:
+    def fill_holes(self, holes: np.ndarray, movers: np.ndarray, rows: int, starts: np.ndarray,
+                   on_device: dict | None = None) -> None:
         """Copy rows ``movers`` into rows ``holes`` (in place, filled positions only; on the CPU,
         in single or double precision, by one numba copy from each mover's first attended position
-        ``starts``), then keep the first ``rows`` rows."""
+        ``starts``), then keep the first ``rows`` rows. ``on_device``: ``movers`` and ``holes`` as
+        tensors by device, filled as needed (the layers of a cache share them)."""
         if self.is_initialized:
             if len(holes) and _numba_copies(self._k):
                 move_rows(self._k.numpy(), self._v.numpy(), holes, movers, starts, self.length)
             elif len(holes):
-                at, to = (torch.from_numpy(x).to(self._k.device) for x in (movers, holes))
+                on_device = {} if on_device is None else on_device
+                if self._k.device not in on_device:
+                    on_device[self._k.device] = tuple(torch.from_numpy(x).to(self._k.device) for x in (movers, holes))
+                at, to = on_device[self._k.device]
                 for buf, filled in ((self._k, self.keys), (self._v, self.values)):
                     buf[:, :, : self.length].index_copy_(0, to, filled.index_select(0, at))
             self._k, self._v = self._k[:rows], self._v[:rows]
@@ -268,8 +273,9 @@ class BufferCache(DynamicCache):
         holes = np.flatnonzero(~alive[:n])
         movers = np.flatnonzero(alive[n:]) + n
         starts = first[movers]
+        on_device: dict = {}
         for layer in self.layers:
-            layer.fill_holes(holes, movers, n, starts)
+            layer.fill_holes(holes, movers, n, starts, on_device)
         order = np.arange(n)
         order[holes] = movers
         return order
