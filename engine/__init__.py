@@ -25,7 +25,7 @@ _LAZY = {
     "BootstrapConfig": "engine.tiny_model",
     "bootstrap": "engine.tiny_model",
     "TransformersPolicy": "engine.policy",
-    "PrefixCache": "engine.kv_cache",
+    "PrefixCache": "engine.prefix_cache",
     "evaluate": "engine.evaluate",
     "load_policy": "engine.loop",
     "train": "engine.loop",

@@ -11,7 +11,8 @@ import itertools
 import numpy as np
 import torch
 
-from engine.kv_cache import BufferCache, PrefixCache, PrefixEntry
+from engine.kv_cache import BufferCache
+from engine.prefix_cache import PrefixCache, PrefixEntry
 from engine.sampling import HASH_BASE, decode_step, sample_inverse_cdf
 
 __all__ = ["decode"]

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from engine.decoding import decode
-from engine.kv_cache import Arena, PrefixCache, PrefixEntry
+from engine.kv_cache import Arena
+from engine.prefix_cache import PrefixCache, PrefixEntry
 
 __all__ = ["Sample", "TransformersPolicy"]
 
@@ -242,7 +243,7 @@ class TransformersPolicy:
         return chunks
 
     def prefix_cache(self, max_bytes: int = 1 << 30) -> PrefixCache:
-        """A new :class:`engine.kv_cache.PrefixCache` for :meth:`generate` with this model (up to
+        """A new :class:`engine.prefix_cache.PrefixCache` for :meth:`generate` with this model (up to
         ``max_bytes`` of keys and values; valid while the weights stay as they are)."""
         return PrefixCache(self.model, max_bytes)
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import engine.kv_cache as kv_cache
+import engine.prefix_cache as prefix_cache
 from engine.config import TrainConfig, validate
 from engine.policy import TransformersPolicy
 from engine.search_runner import run_search
@@ -201,7 +202,7 @@ def test_growing_pools_keep_their_entries(trained_model_dir, device, fill, monke
     with deterministic filling of new memory (which would write the whole reservation), and off
     the CPU, the pools are copied into larger ones."""
     if fill:
-        monkeypatch.setattr(kv_cache, "_fills_new_memory", lambda: True)
+        monkeypatch.setattr(prefix_cache, "_fills_new_memory", lambda: True)
     policy = _policy(trained_model_dir, device)
     prompts = [t["prompt"] for t in islice(arithmetic_tasks(6), 96)]
     cache = policy.prefix_cache()
