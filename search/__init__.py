@@ -23,10 +23,10 @@ from search.kernels import (
     synthetic_search,
     visit_policy,
 )
-from search.mcts import back_up, expand_nodes, mcts, merge_candidates
+from search.mcts import back_up, expand_nodes, mcts, mcts_streamed, merge_candidates
 from search.tot import SampleFn, sample_trajectories, tot_bfs, tot_dfs
 from search.tree import NO_PARENT, ROOT_INDEX, Tree
-from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn
+from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn, StartFn, WaitFn
 
 __all__ = [
     "NO_PARENT",
@@ -47,6 +47,8 @@ __all__ = [
     "EvaluateFn",
     "ExpandFn",
     "ProgressFn",
+    "StartFn",
+    "WaitFn",
     "Tree",
     "backup",
     "best_worst_children",
@@ -56,6 +58,7 @@ __all__ = [
     "extract_trajectories",
     "tree_summary",
     "mcts",
+    "mcts_streamed",
     "merge_candidates",
     "puct_select",
     "to_networkx",

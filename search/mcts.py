@@ -17,9 +17,9 @@ import numpy as np
 
 from search.kernels import PUCT, UCT, backup, backup_visit_weighted, select_leaves
 from search.tree import Tree
-from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn
+from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn, StartFn, WaitFn
 
-__all__ = ["expand_nodes", "merge_candidates", "mcts", "back_up"]
+__all__ = ["expand_nodes", "merge_candidates", "mcts", "mcts_streamed", "back_up"]
 
 
 def merge_candidates(candidates: list[Candidate]) -> tuple[list[Candidate], np.ndarray]:
@@ -103,6 +103,15 @@ def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float],
         raise ValueError(f"backup mode must be 'mean' or 'visit-weighted', got {mode!r}")
 
 
+def _check(num_simulations: int, c_puct: float, rule: str) -> None:
+    if num_simulations < 0:
+        raise ValueError(f"num_simulations must be >= 0, got {num_simulations}")
+    if not (math.isfinite(c_puct) and c_puct >= 0):
+        raise ValueError(f"c_puct must be a finite number >= 0, got {c_puct}")
+    if rule not in ("puct", "uct"):
+        raise ValueError(f"rule must be 'puct' or 'uct', got {rule!r}")
+
+
 def mcts(
     tree: Tree,
     *,
@@ -128,12 +137,7 @@ def mcts(
     its current Q) is backed up again, as a repeat visit does in AlphaZero (nothing for a node whose
     value ``evaluate_fn`` left pending, as NaN).
     """
-    if num_simulations < 0:
-        raise ValueError(f"num_simulations must be >= 0, got {num_simulations}")
-    if not (math.isfinite(c_puct) and c_puct >= 0):
-        raise ValueError(f"c_puct must be a finite number >= 0, got {c_puct}")
-    if rule not in ("puct", "uct"):
-        raise ValueError(f"rule must be 'puct' or 'uct', got {rule!r}")
+    _check(num_simulations, c_puct, rule)
     if leaves_per_tree < 1 or virtual_loss < 0:
         raise ValueError("leaves_per_tree must be >= 1 and virtual_loss >= 0")
     bsz = tree.batch_size
@@ -164,3 +168,113 @@ def mcts(
         if progress is not None:
             progress(sim + 1, num_simulations)
     return tree
+
+
+def mcts_streamed(
+    tree: Tree,
+    *,
+    start_fn: StartFn,
+    wait_fn: WaitFn,
+    num_simulations: int,
+    c_puct: float = 1.0,
+    rule: Literal["puct", "uct"] = "puct",
+    normalize_q: bool = False,
+    backup_mode: Literal["mean", "visit-weighted"] = "mean",
+    gamma: float = 1.0,
+    max_depth: int = 16,
+    in_flight: int = 1,
+    progress: ProgressFn | None = None,
+) -> Tree:
+    """MCTS with every tree searched on its own, expansions started and collected asynchronously:
+    for a policy behind a server or an engine with continuous batching, where a tree whose
+    expansion has come back should not wait for the slowest tree of a round.
+
+    Each tree selects a leaf and hands it to ``start_fn(tree, b, node)``, which starts its expansion
+    (and the evaluation of the children it makes) and returns at once; ``wait_fn(tree)`` blocks
+    until at least one started expansion has come back and returns those, as ``(b, node,
+    candidates, values)``: ``values[i]`` is the value of ``candidates[i]`` when it is open (NaN:
+    none, it is not backed up, as with ``evaluate_fn=None`` in :func:`mcts`). The tree adds the
+    children (identical texts merged, the first one's value kept), backs their values up, and
+    selects its next leaf at once. With ``in_flight=1`` a tree's simulations, and what it selects,
+    expands and backs up, are exactly those of :func:`mcts` with ``leaves_per_tree=1`` given the
+    same expansions, in whatever order the trees' expansions come back (trees are independent).
+    ``in_flight > 1`` keeps up to that many expansions of a tree going at once, each one's path
+    holding a virtual loss (a visit worth 0) until it comes back, so that the next selection goes
+    elsewhere (asynchronous MCTS, as in AlphaGo); a selection that reaches a leaf still being
+    expanded waits for it. ``num_simulations`` counts the simulations started per tree either way.
+    """
+    _check(num_simulations, c_puct, rule)
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+    bsz = tree.batch_size
+    done = np.zeros(bsz, np.int64)
+    started = np.zeros(bsz, np.int64)
+    going: list[set[int]] = [set() for _ in range(bsz)]
+    leaf = np.zeros((1, 1), np.int32)
+    rule_id = PUCT if rule == "puct" else UCT
+    reported = 0
+
+    def finished(b: int) -> None:
+        nonlocal reported
+        done[b] += 1
+        if progress is not None and done.min() > reported:
+            reported = int(done.min())
+            progress(reported, num_simulations)
+
+    def advance(b: int) -> int:
+        """Select tree ``b``'s next leaves and start their expansions (up to ``in_flight`` going),
+        finishing the simulations that need none on the way; the number started."""
+        one = slice(b, b + 1)
+        begun = 0
+        while started[b] < num_simulations and len(going[b]) < in_flight:
+            select_leaves(tree.parent[one], tree.first_child[one], tree.num_children[one], tree.visits[one],
+                          tree.value_sum[one], tree.prior[one], tree.node_count[one], c_puct, rule_id, normalize_q,
+                          1, leaf)
+            node = int(leaf[0, 0])
+            if node in going[b]:
+                break  # its expansion has not come back yet
+            started[b] += 1
+            if not tree.terminal[b, node] and tree.depth[b, node] < max_depth:
+                start_fn(tree, b, node)
+                going[b].add(node)
+                _virtual(tree, b, node, 1)
+                begun += 1
+                continue
+            value = float(tree.reward[b, node]) if tree.terminal[b, node] else tree.q(b, node)
+            back_up(tree, [b], [node], [value], mode=backup_mode, gamma=gamma)
+            finished(b)
+        return begun
+
+    running = sum(advance(b) for b in range(bsz))
+    while running:
+        came = wait_fn(tree)
+        if not came:
+            raise RuntimeError(f"wait_fn returned nothing while {running} expansions were running")
+        for b, node, cands, values in came:
+            if node not in going[b]:
+                raise ValueError(f"wait_fn returned node {node} of tree {b}, whose expansion was not started")
+            running -= 1
+            going[b].discard(node)
+            _virtual(tree, b, node, -1)
+            first = {}
+            for i, c in enumerate(cands):
+                first.setdefault(c.text, i)
+            kept, priors = merge_candidates(cands)
+            if not kept:  # the policy produced nothing usable: a dead end worth 0
+                tree.terminal[b, node] = True
+                back_up(tree, [b], [node], [0.0], mode=backup_mode, gamma=gamma)
+            else:
+                idx = tree.add_children(b, node, [c.text for c in kept], priors, [c.reward for c in kept],
+                                        [c.terminal for c in kept], [c.state for c in kept])
+                vals = [float(c.reward) if c.terminal else float(values[first[c.text]]) for c in kept]
+                back_up(tree, [b] * len(kept), [int(i) for i in idx], vals, mode=backup_mode, gamma=gamma)
+            finished(b)
+            running += advance(b)
+    return tree
+
+
+def _virtual(tree: Tree, b: int, node: int, visits: int) -> None:
+    """Add ``visits`` virtual visits (worth 0) to ``node`` of tree ``b`` and its ancestors."""
+    while node >= 0:
+        tree.visits[b, node] += visits
+        node = int(tree.parent[b, node])

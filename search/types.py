@@ -10,7 +10,7 @@ import numpy as np
 
 from search.tree import Tree
 
-__all__ = ["Candidate", "EvaluateFn", "ExpandFn", "ProgressFn"]
+__all__ = ["Candidate", "EvaluateFn", "ExpandFn", "ProgressFn", "StartFn", "WaitFn"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,14 @@ children of each node (one batched policy call for all M nodes)."""
 EvaluateFn = Callable[[Tree, np.ndarray, np.ndarray], np.ndarray]
 """``evaluate_fn(tree, tree_index [M], node_index [M]) -> values [M]`` in [0, 1]: estimate the
 value of open (non-terminal) nodes, for example by policy rollouts."""
+
+StartFn = Callable[[Tree, int, int], None]
+"""``start_fn(tree, b, node)``: start expanding ``node`` of tree ``b`` and return at once (see
+:func:`search.mcts_streamed`)."""
+
+WaitFn = Callable[[Tree], list[tuple[int, int, list[Candidate], np.ndarray]]]
+"""``wait_fn(tree) -> [(b, node, candidates, values), ...]``: at least one started expansion that
+has come back, with the value of each open candidate (NaN: none, or pending)."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done, total)``: called after each simulation round."""

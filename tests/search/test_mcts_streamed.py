@@ -1,0 +1,130 @@
+"""Asynchronous MCTS (search.mcts_streamed) against the round-by-round MCTS, with scripted
+expansions that depend only on the node's path."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from search import Candidate, Tree, mcts, mcts_streamed
+
+STEPS = ["a\n", "b\n", "c\n", "d\n", "end\n"]
+
+
+def expansions(t, b, n):
+    """A node's candidates and their values, the same whenever it is expanded: drawn from a
+    generator seeded by its tree and path. Some repeat a text, some end the episode, some nodes
+    get none (a dead end)."""
+    path = t.prefix_text(b, n)
+    rng = np.random.default_rng(zlib.crc32(f"{b}|{path}".encode()))
+    if rng.random() < 0.08:
+        return [], np.zeros(0)
+    cands = []
+    for _ in range(int(rng.integers(1, 5))):
+        text = STEPS[int(rng.integers(len(STEPS)))]
+        terminal = text == "end\n"
+        cands.append(Candidate(text, logprob=float(-rng.random() * 5), num_tokens=int(rng.integers(1, 6)),
+                               reward=float(terminal and rng.random() < 0.5), terminal=terminal))
+    return cands, rng.random(len(cands))
+
+
+def lockstep(batch, sims, **kw):
+    tree = Tree(batch, capacity=8)
+    values = {}
+
+    def expand_fn(t, tb, nb):
+        out = []
+        for b, n in zip(tb.tolist(), nb.tolist()):
+            cands, vals = expansions(t, b, n)
+            for c, v in zip(cands, vals):
+                values.setdefault((b, t.prefix_text(b, n) + c.text), v)
+            out.append(cands)
+        return out
+
+    def evaluate_fn(t, tb, nb):
+        return np.array([values[(b, t.prefix_text(b, n))] for b, n in zip(tb.tolist(), nb.tolist())])
+
+    return mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=sims, **kw)
+
+
+class Scrambled:
+    """start_fn / wait_fn that hand expansions back in a random order, a random number at a time."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.going = []
+        self.started = []
+
+    def start(self, t, b, n):
+        self.going.append((b, n))
+        self.started.append((b, n, sum(1 for x, _ in self.going if x == b)))
+
+    def wait(self, t):
+        k = int(self.rng.integers(1, len(self.going) + 1))
+        picked = sorted(self.rng.choice(len(self.going), size=k, replace=False).tolist(), reverse=True)
+        out = []
+        for i in picked:
+            b, n = self.going.pop(i)
+            out.append((b, n, *expansions(t, b, n)))
+        return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"backup_mode": "visit-weighted"}, {"rule": "uct", "max_depth": 3}])
+def test_one_in_flight_equals_round_by_round_mcts(kw):
+    batch, sims = 6, 25
+    ref = lockstep(batch, sims, **kw)
+    for seed in range(3):
+        driver = Scrambled(seed)
+        tree = mcts_streamed(Tree(batch, capacity=8), start_fn=driver.start, wait_fn=driver.wait,
+                             num_simulations=sims, **kw)
+        assert tree.node_count.tolist() == ref.node_count.tolist()
+        for name in ("parent", "visits", "prior", "terminal", "reward"):
+            np.testing.assert_array_equal(getattr(tree, name), getattr(ref, name), err_msg=name)
+        # the same values, added up in another order (terminal children first there)
+        np.testing.assert_allclose(tree.value_sum, ref.value_sum, rtol=1e-12, atol=1e-12)
+        assert tree.texts == ref.texts
+    assert ref.node_count.sum() > 50 and ref.terminal.any()  # the trees grew and have ends to revisit
+
+
+def test_several_in_flight_keep_their_bounds_and_leave_no_virtual_visits():
+    batch, sims = 4, 30
+    driver = Scrambled(7)
+    backed = np.zeros(batch, np.int64)  # visits the backups add at each root
+
+    def wait(t):
+        out = driver.wait(t)
+        for b, _node, cands, _values in out:
+            texts = {c.text for c in cands}
+            backed[b] += max(len(texts), 1)
+        return out
+
+    def progress(done, total):
+        calls.append((done, total))
+
+    calls = []
+    tree = mcts_streamed(Tree(batch, capacity=8), start_fn=driver.start, wait_fn=wait, num_simulations=sims,
+                         in_flight=3, progress=progress)
+    most = max(k for _, _, k in driver.started)
+    assert most == 3  # three expansions of one tree were going at once, never more
+    started = np.bincount([b for b, _, _ in driver.started], minlength=batch)
+    assert (started <= sims).all()
+    # each root's visits are exactly what was backed up: each expansion's children (or its dead
+    # end), and one for each simulation that expanded nothing (a repeat visit of an end); the
+    # virtual visits are all gone
+    assert (tree.visits[:, 0] == backed + (sims - started)).all()
+    assert (sims - started).sum() > 0
+    keys = [(b, n) for b, n, _ in driver.started]
+    for b in range(batch):  # a node is expanded once
+        mine = [n for x, n in keys if x == b]
+        assert len(mine) == len(set(mine))
+    assert calls and calls[-1] == (sims, sims) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_bad_driver_and_arguments():
+    with pytest.raises(RuntimeError, match="wait_fn returned nothing"):
+        mcts_streamed(Tree(1), start_fn=lambda t, b, n: None, wait_fn=lambda t: [], num_simulations=2)
+    with pytest.raises(ValueError, match="was not started"):
+        mcts_streamed(Tree(1), start_fn=lambda t, b, n: None, wait_fn=lambda t: [(0, 5, [], np.zeros(0))],
+                      num_simulations=2)
+    with pytest.raises(ValueError, match="in_flight"):
+        mcts_streamed(Tree(1), start_fn=None, wait_fn=None, num_simulations=2, in_flight=0)
