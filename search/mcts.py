@@ -36,6 +36,19 @@ def merge_candidates(candidates: list[Candidate]) -> tuple[list[Candidate], np.n
     return kept, scores / scores.sum()
 
 
+def _grow(tree: Tree, b: int, node: int, cands: list[Candidate]) -> tuple[list[Candidate], np.ndarray]:
+    """Add ``node``'s children from ``cands`` (identical texts merged, priors from their
+    log-probabilities); returns the kept candidates and their node indices. With none usable the
+    node is a dead end: marked terminal, nothing kept (its value, 0, is the caller's to back up)."""
+    kept, priors = merge_candidates(cands)
+    if not kept:
+        tree.terminal[b, node] = True
+        return kept, np.zeros(0, np.int64)
+    idx = tree.add_children(b, node, [c.text for c in kept], priors, [c.reward for c in kept],
+                            [c.terminal for c in kept], [c.state for c in kept])
+    return kept, idx
+
+
 def expand_nodes(
     tree: Tree, tree_index: np.ndarray, node_index: np.ndarray, *, expand_fn: ExpandFn,
     evaluate_fn: EvaluateFn | None,
@@ -54,15 +67,12 @@ def expand_nodes(
         raise ValueError(f"expand_fn returned {len(proposals)} lists for {len(tree_index)} nodes")
     open_b, open_n = [], []
     for b, node, cands in zip(tree_index.tolist(), node_index.tolist(), proposals):
-        kept, priors = merge_candidates(cands)
+        kept, idx = _grow(tree, b, node, cands)
         if not kept:  # the policy produced nothing usable: a dead end worth 0
-            tree.terminal[b, node] = True
             back_b.append(b)
             back_n.append(node)
             back_v.append(0.0)
             continue
-        idx = tree.add_children(b, node, [c.text for c in kept], priors, [c.reward for c in kept],
-                                [c.terminal for c in kept], [c.state for c in kept])
         for c, i in zip(kept, idx):
             if c.terminal:
                 back_b.append(b)
@@ -259,13 +269,10 @@ def mcts_streamed(
             first = {}
             for i, c in enumerate(cands):
                 first.setdefault(c.text, i)
-            kept, priors = merge_candidates(cands)
+            kept, idx = _grow(tree, b, node, cands)
             if not kept:  # the policy produced nothing usable: a dead end worth 0
-                tree.terminal[b, node] = True
                 back_up(tree, [b], [node], [0.0], mode=backup_mode, gamma=gamma)
             else:
-                idx = tree.add_children(b, node, [c.text for c in kept], priors, [c.reward for c in kept],
-                                        [c.terminal for c in kept], [c.state for c in kept])
                 vals = [float(c.reward) if c.terminal else float(values[first[c.text]]) for c in kept]
                 back_up(tree, [b] * len(kept), [int(i) for i in idx], vals, mode=backup_mode, gamma=gamma)
             finished(b)

@@ -45,7 +45,7 @@ StartFn = Callable[[Tree, int, int], None]
 
 WaitFn = Callable[[Tree], list[tuple[int, int, list[Candidate], np.ndarray]]]
 """``wait_fn(tree) -> [(b, node, candidates, values), ...]``: at least one started expansion that
-has come back, with the value of each open candidate (NaN: none, or pending)."""
+has come back, with the value of each open candidate (NaN: none, and nothing is backed up for it)."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done, total)``: called after each simulation round."""
