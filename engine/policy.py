@@ -14,7 +14,7 @@ import torch
 
 from engine.decoding import decode
 from engine.kv_cache import Arena
-from engine.prefix_cache import PrefixCache, PrefixEntry
+from engine.prefix_cache import PoolMemory, PrefixCache, PrefixEntry
 
 __all__ = ["Sample", "TransformersPolicy"]
 
@@ -83,6 +83,7 @@ class TransformersPolicy:
         self.eos_id = tokenizer.eos_token_id
         self._stop_ids: dict[str, list[int]] = {}
         self._arena = Arena()  # KV-cache memory reused across generate calls
+        self._pool_memory = PoolMemory()  # prefix-cache pool memory, handed from one cache to the next
         self.fused_cpu_step = True
         """On the CPU, each decoding step's bookkeeping runs as one numba kernel
         (:func:`engine.sampling.decode_step`); False uses the tensor form there too. (Finished rows'
@@ -244,8 +245,11 @@ class TransformersPolicy:
 
     def prefix_cache(self, max_bytes: int = 1 << 30) -> PrefixCache:
         """A new :class:`engine.prefix_cache.PrefixCache` for :meth:`generate` with this model (up to
-        ``max_bytes`` of keys and values; valid while the weights stay as they are)."""
-        return PrefixCache(self.model, max_bytes)
+        ``max_bytes`` of keys and values; valid while the weights stay as they are). On the CPU its
+        pools take the memory of the policy's previous cache once that one is gone (see
+        :class:`engine.prefix_cache.PoolMemory`): the policy keeps the pages written by its
+        largest search mapped, as it does those of its KV-cache arena."""
+        return PrefixCache(self.model, max_bytes, self._pool_memory)
 
     def _token_table(self, ids) -> torch.Tensor:
         """A boolean lookup table over the vocabulary, True at ``ids``: ``table[tokens]`` marks

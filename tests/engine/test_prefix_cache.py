@@ -217,6 +217,34 @@ def test_growing_pools_keep_their_entries(trained_model_dir, device, fill, monke
     _check_entries(policy, cache)
 
 
+def test_a_new_cache_takes_the_memory_of_the_policys_previous_one(trained_model_dir, device):
+    """On the CPU a policy's prefix cache takes the pool memory of its previous one once that one
+    is gone (its pages are mapped already), and holds what a cache of new memory holds; a cache
+    made while another is in use gets memory of its own. Off the CPU nothing is handed on."""
+    policy = _policy(trained_model_dir, device)
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(7), 12)]
+    first = policy.prefix_cache()
+    _stored(policy, first, prompts[:6])
+    address = first.pools[0][0].data_ptr()
+    second = policy.prefix_cache()  # the first is still in use
+    _stored(policy, second, prompts[:6])
+    assert second.pools[0][0].data_ptr() != address
+    del second  # its memory becomes the spare, then the first's replaces it
+    first_ptrs = [t.data_ptr() for kv in first.pools for t in kv]
+    del first
+    reused = policy.prefix_cache()
+    own = prefix_cache.PrefixCache(policy.model, 1 << 30)  # memory of its own
+    contexts = _stored(policy, reused, prompts[6:])
+    assert contexts == _stored(policy, own, prompts[6:]) and all(c in reused for c in contexts)
+    on_cpu = policy.device.type == "cpu"
+    assert ([t.data_ptr() for kv in reused.pools for t in kv] == first_ptrs) == on_cpu
+    assert own.pools[0][0].data_ptr() != reused.pools[0][0].data_ptr()
+    _check_entries(policy, reused)  # nothing of the first cache's contents is read
+    _same(policy.generate(contexts, temperature=0.0, max_new_tokens=20, prefix_cache=reused),
+          policy.generate(contexts, temperature=0.0, max_new_tokens=20, prefix_cache=own))
+    assert reused.hits == own.hits == len(contexts)
+
+
 def test_held_slots_outlive_their_evicted_entry(trained_model_dir, device):
     """A call holds the entries it reads (its rows' contexts share their slots): evicted meanwhile,
     their slots are not reused until it releases them."""
