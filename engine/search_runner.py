@@ -30,28 +30,36 @@ def _line(text: str) -> str:
     return text.split("\n", 1)[0] + "\n"
 
 
-def walk_lines(env, state, continuation: str) -> list[Candidate]:
+def _steps(env, state, continuation: str):
     """Step ``env`` from ``state`` through the non-empty lines of ``continuation`` until the episode
-    ends; one step (text ending in a newline, reward, terminal flag, state after it) per line taken."""
+    ends, yielding each line taken (ending in a newline), its reward and whether it ended it."""
     env.set_state(state)
-    steps: list[Candidate] = []
     for line in continuation.split("\n"):
         if not line.strip():
             continue
         _, reward, terminated, truncated, _ = env.step(line)
-        steps.append(Candidate(_line(line), 0.0, 1, reward=float(reward), terminal=bool(terminated or truncated),
-                               state=env.get_state()))
-        if terminated or truncated:
-            break
-    return steps
+        ended = bool(terminated or truncated)
+        yield line + "\n", float(reward), ended
+        if ended:
+            return
+
+
+def walk_lines(env, state, continuation: str) -> list[Candidate]:
+    """Step ``env`` from ``state`` through the non-empty lines of ``continuation`` until the episode
+    ends; one step (text ending in a newline, reward, terminal flag, state after it) per line taken."""
+    return [Candidate(text, 0.0, 1, reward=reward, terminal=ended, state=env.get_state())
+            for text, reward, ended in _steps(env, state, continuation)]
 
 
 def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
     """Step ``env`` from ``state`` through the lines of ``continuation``. Returns the final reward
-    (0 when the text ends before the episode does) and the steps taken, each ending in a newline."""
-    steps = walk_lines(env, state, continuation)
-    reward = steps[-1].reward if steps and steps[-1].terminal else 0.0
-    return reward, [c.text for c in steps]
+    (0 when the text ends before the episode does) and the steps taken, each ending in a newline
+    (no state or :class:`search.Candidate` per step: a rollout needs only its outcome)."""
+    steps: list[str] = []
+    reward = 0.0
+    for text, reward, ended in _steps(env, state, continuation):
+        steps.append(text)
+    return (reward if steps and ended else 0.0), steps
 
 
 @dataclass
