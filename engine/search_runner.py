@@ -56,10 +56,11 @@ def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
     (0 when the text ends before the episode does) and the steps taken, each ending in a newline
     (no state or :class:`search.Candidate` per step: a rollout needs only its outcome)."""
     steps: list[str] = []
-    reward = 0.0
+    outcome = 0.0
     for text, reward, ended in _steps(env, state, continuation):
         steps.append(text)
-    return (reward if steps and ended else 0.0), steps
+        outcome = reward if ended else 0.0
+    return outcome, steps
 
 
 @dataclass
