@@ -196,17 +196,24 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
         out = []
         for b, n, context, group in zip(tree_index.tolist(), node_index.tolist(), contexts, samples):
             cands = []
+            # each text's step is taken once: a sample repeating an earlier one's line is merged into
+            # it (search.merge_candidates keeps the first), so only its rollout is new
+            terminal_of: dict[str, bool | None] = {}  # None: not a valid action
             for s in group:
                 text = _line(s.text)
                 if not text.strip() or (shared and s.head_tokens > step_max_tokens):
                     continue
-                env.set_state(tree.states[b][n])
-                _, reward, terminated, truncated, info = env.step(text)
-                if info.get("invalid_action"):
+                if text in terminal_of:
+                    terminal = terminal_of[text]
+                else:
+                    env.set_state(tree.states[b][n])
+                    _, reward, terminated, truncated, info = env.step(text)
+                    terminal = terminal_of[text] = None if info.get("invalid_action") else bool(terminated or truncated)
+                    if terminal is not None:
+                        cands.append(Candidate(text=text, logprob=s.head_logprob, num_tokens=s.head_tokens,
+                                               reward=float(reward), terminal=terminal, state=env.get_state()))
+                if terminal is None:
                     continue
-                terminal = bool(terminated or truncated)
-                cands.append(Candidate(text=text, logprob=s.head_logprob, num_tokens=s.head_tokens,
-                                       reward=float(reward), terminal=terminal, state=env.get_state()))
                 if shared and not terminal and not s.duplicate:
                     rest = s.text.partition("\n")[2]
                     if s.parked:
