@@ -15,7 +15,10 @@ from engine.kv_cache import BufferCache
 from engine.prefix_cache import PrefixCache, PrefixEntry
 from engine.sampling import HASH_BASE, decode_step, sample_inverse_cdf
 
-__all__ = ["decode"]
+__all__ = ["DRAW_BLOCK", "decode"]
+
+DRAW_BLOCK = 32
+"""Decoding steps whose uniform draws are drawn together (see :func:`decode`)."""
 
 
 def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens: int, temperature: float,
@@ -163,10 +166,19 @@ def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens
                 seen.add((owner[r], h))
         return cut
 
+    # Uniform draws for DRAW_BLOCK steps of every row at a time (row r's draw at step t is
+    # draws[t % DRAW_BLOCK, r]): one small torch.rand per block instead of one per step (on the CPU a
+    # call costs more than its numbers), and a row's draws do not depend on when finished rows
+    # leave the batch.
+    sampling = temperature > 0
     for t in range(max_new_tokens):
         steps = t + 1
+        if sampling and t % DRAW_BLOCK == 0:
+            draws = torch.rand((min(DRAW_BLOCK, max_new_tokens - t), n), device=policy.device)
+            if fused:
+                draws_np = draws.numpy()
         if fused:
-            u = torch.rand(len(rows)).numpy() if temperature > 0 else no_draws
+            u = draws_np[t % DRAW_BLOCK] if sampling else no_draws
             rows_np, alive_np, open_np, hash_np = views
             n_alive, n_closing = decode_step(logits.float().numpy(), u, inv_temperature, rows_np, t, *out_np,
                                              alive_np, *vocab_tables, open_np, hash_np, any_open, tok_np, closing)
@@ -184,7 +196,8 @@ def decode(policy, batch: list[list[int]], *, counts: np.ndarray, max_new_tokens
                 tok = logp.argmax(-1, keepdim=True)
             else:
                 tok = sample_inverse_cdf(logp.exp() if temperature == 1.0
-                                         else torch.softmax(logits.float() / temperature, dim=-1))
+                                         else torch.softmax(logits.float() / temperature, dim=-1),
+                                         draws[t % DRAW_BLOCK][rows])
             seg_tok.append(tok)
             seg_lp.append(logp.gather(1, tok))
             if any_open:

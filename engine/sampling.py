@@ -37,7 +37,7 @@ def decode_step(logits, u, inv_temperature, rows, t, out_tok, out_lp, alive, end
     """One decoding step for every row of the batch, in place.
 
     ``logits`` ``[n, V]``: the next-token logits. Row ``i`` draws its token by inverse CDF with the
-    uniform ``u[i]`` from ``softmax(logits * inv_temperature)`` (greedy argmax when
+    uniform ``u[rows[i]]`` from ``softmax(logits * inv_temperature)`` (greedy argmax when
     ``inv_temperature <= 0``), writes it to ``tok[i, 0]`` and, with its log-probability at
     temperature 1, to ``out_tok[rows[i], t]`` / ``out_lp[rows[i], t]``. A live row whose token is in
     ``ends`` (a boolean table over the vocabulary; empty for none) stops (``alive[i, 0] = False``).
@@ -70,7 +70,7 @@ def decode_step(logits, u, inv_temperature, rows, t, out_tok, out_lp, alive, end
                 for j in range(vocab):
                     acc += np.exp((np.float64(x[j]) - top) * inv_temperature)
                     cdf[j] = acc
-            target = u[i] * acc
+            target = u[rows[i]] * acc
             k = vocab - 1
             for j in range(vocab):  # the first token whose CDF exceeds the draw
                 if cdf[j] > target:

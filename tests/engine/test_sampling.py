@@ -33,7 +33,8 @@ def test_decode_step_draws_what_the_tensor_form_draws(temperature):
     u = torch.rand(512, generator=gen, dtype=torch.float64)
     got = run_step(logits.float().numpy(), u.numpy(), 1 / temperature if temperature else 0.0)
     if temperature:
-        want = sample_inverse_cdf(torch.softmax(logits / temperature, -1), u)[:, 0]
+        # batch row i draws with its output row's uniform, u[rows[i]]
+        want = sample_inverse_cdf(torch.softmax(logits / temperature, -1), u[torch.from_numpy(got["rows"])])[:, 0]
     else:
         want = logits.argmax(-1)
     assert (torch.from_numpy(got["tok"]) == want).float().mean() > 0.99  # float32 logits: rare ties at a boundary
