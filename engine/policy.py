@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.attention import ATTENTION, decoding_attention_for
 from engine.decoding import decode
 from engine.kv_cache import Arena
 from engine.prefix_cache import PoolMemory, PrefixCache, PrefixEntry
@@ -208,12 +209,13 @@ class TransformersPolicy:
             rows = counts[chunk]
             owner = np.repeat(np.arange(len(chunk)), rows)  # each row's prompt in the chunk
             limits = caps[chunk]
-            decoded = decode(self, [ids[i] for i in chunk], counts=rows, max_new_tokens=int(limits.max()),
-                             limits=None if (limits == limits[0]).all() else limits[owner],
-                             temperature=float(temperature), ends=ends, heads=heads,
-                             unique_heads=bool(unique_heads and heads is not None and rows.max() > 1),
-                             prefix_cache=prefix_cache, prefixes=[entries[i] for i in chunk],
-                             kept_end=kept_end, saved=saved, park=park, parked=parked)
+            with decoding_attention_for(self.model):  # on the CPU, steps attend by engine.attention
+                decoded = decode(self, [ids[i] for i in chunk], counts=rows, max_new_tokens=int(limits.max()),
+                                 limits=None if (limits == limits[0]).all() else limits[owner],
+                                 temperature=float(temperature), ends=ends, heads=heads,
+                                 unique_heads=bool(unique_heads and heads is not None and rows.max() > 1),
+                                 prefix_cache=prefix_cache, prefixes=[entries[i] for i in chunk],
+                                 kept_end=kept_end, saved=saved, park=park, parked=parked)
             texts = self._texts([toks[:-1] if toks and self.eos_id is not None and toks[-1] == self.eos_id else toks
                                  for toks, *_ in decoded])  # the end-of-sequence token is dropped
             for row, (text, (toks, lp, finished, head_len, head_lp, dup, held)) in enumerate(zip(texts, decoded)):
@@ -267,9 +269,10 @@ class TransformersPolicy:
 
     def _step_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The attention mask of the decoding steps, from the ``[rows, positions]`` 0/1 ``mask``:
-        for the ``sdpa`` and ``eager`` attention implementations of a model with full attention in
-        every layer (of a type listed in ``_MASK_AS_GIVEN``), the ``[rows, 1, 1, positions]`` mask
-        they use (boolean, and additive with the dtype's minimum, as ``transformers`` builds them),
+        for the ``sdpa``, ``eager`` and :data:`engine.attention.ATTENTION` attention implementations
+        of a model with full attention in every layer (of a type listed in ``_MASK_AS_GIVEN``), the
+        ``[rows, 1, 1, positions]`` mask they use (boolean for ``sdpa``; additive with the dtype's
+        minimum for the others, as ``transformers`` builds it for ``eager``),
         so that a step's forward pass takes a slice of it as it is instead of building it anew from
         the 2-D mask (with one query per row, the causal part masks nothing); otherwise the 2-D
         mask itself (a sliding window or attention chunks are applied through the mask that
@@ -288,7 +291,7 @@ class TransformersPolicy:
         impl = getattr(config, "_attn_implementation", None)
         if impl == "sdpa":
             return mask.bool()[:, None, None, :]
-        if impl == "eager":
+        if impl in ("eager", ATTENTION):  # (added to the scores in one operation)
             dtype = self.model.dtype
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
                 mask == 0, torch.finfo(dtype).min)[:, None, None, :]
