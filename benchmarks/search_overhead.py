@@ -12,7 +12,12 @@ tasks and reports, measured in the same run:
   (``policy.generate`` with no stop, every row running to the token cap); target >= 0.7x. Plain
   sampling runs at two batch sizes: the rows the search requests per ``generate`` call, and the
   rows it actually decodes per step (generated tokens / decoding steps; rows finish at different
-  times, so most steps of a call run fewer rows than it started with).
+  times, so most steps of a call run fewer rows than it started with);
+* what bounds that ratio: the search's token steps (each ``generate`` call's longest row, summed)
+  against its slowest tree's own calls, which run one after another (a tree's next selection
+  needs the values of its last expansion), so that no batching across trees can take fewer; and
+  the ratios the search's forward passes alone give (its tokens over its forward time), i.e. with
+  nothing outside them.
 
 Forward time is measured with forward hooks on the model (synchronised on GPU). The same seeded
 search and the plain sampling take turns ``--repeats`` times (3), so that both see the machine in
@@ -102,16 +107,29 @@ class ForwardTimer:
 
 
 class CountingPolicy:
-    """Forwards to a policy and counts generated tokens, rows, calls and the time inside them."""
+    """Forwards to a policy and counts generated tokens, rows, calls and the time inside them, and
+    per call its token steps (its longest row) and each tree's longest row (a context belongs to
+    the task whose prompt it starts with)."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, task_prompts):
         self.policy = policy
+        self._tree_of = {p: b for b, p in enumerate(task_prompts)}
+        self._prompt_lengths = sorted({len(p) for p in task_prompts}, reverse=True)
         self.reset()
 
     def reset(self):
         self.tokens = self.rows = self.calls = 0
         self.seconds = 0.0
         self.cache = None
+        self.token_steps = 0  # per call, its longest row's tokens, summed
+        self.chains: dict[int, int] = {}  # per tree, its longest row's tokens in each call, summed
+
+    def _tree(self, context: str) -> int:
+        for k in self._prompt_lengths:  # the longest task prompt it starts with
+            b = self._tree_of.get(context[:k])
+            if b is not None:
+                return b
+        return -1
 
     def generate(self, prompts, **kw):
         t0 = time.perf_counter()
@@ -120,7 +138,19 @@ class CountingPolicy:
         self.tokens += sum(s.num_tokens for group in out for s in group)
         self.rows += sum(len(group) for group in out)
         self.calls += 1
+        longest: dict[int, int] = {}
+        for context, group in zip(prompts, out):
+            b = self._tree(context)
+            longest[b] = max([longest.get(b, 0)] + [s.num_tokens for s in group])
+        self.token_steps += max(longest.values(), default=0)
+        for b, k in longest.items():
+            self.chains[b] = self.chains.get(b, 0) + k
         return out
+
+    def critical_path(self) -> int:
+        """Token steps of the slowest tree's own calls: the decoding steps it needs one after
+        another (a tree's simulations are sequential), so no batching across trees takes fewer."""
+        return max(self.chains.values(), default=0)
 
     def requested_batch(self) -> float:
         """Rows per ``generate`` call."""
@@ -157,17 +187,20 @@ def main() -> None:
     tasks = list(islice(arithmetic_tasks(12345), args.tasks))
     env = MathEnv(max_steps=cfg.max_depth)
 
-    # Warm-up at full size: the first calls compile the numba kernels and grow the policy's KV-cache
-    # arena (kept from one call to the next, as from one search to the next in a training run).
-    run_search(policy, env, tasks, dataclasses.replace(cfg, simulations=2))
+    # Warm-up: one whole search, which compiles the numba kernels and grows the policy's KV-cache arena
+    # to the size the timed searches use (kept from one call to the next, as from one search to the
+    # next in a training run). A shorter one left later rounds' longer contexts to grow it, ~0.1 s of
+    # first-touch page faults inside the first timed search (a 15-16% outside share when that run was
+    # the best of three, against ~11% otherwise).
+    run_search(policy, env, tasks, cfg)
 
     timer = ForwardTimer(policy.model)
-    counting = CountingPolicy(policy)
+    counting = CountingPolicy(policy, [t["prompt"] for t in tasks])
 
     def time_search():
         """The same seeded search each time (identical work): wall, forward time, tokens, requested
         rows per batch, forward passes, nodes, decoded rows per decoding step, forward split, cache
-        statistics, time inside ``generate``."""
+        statistics, time inside ``generate``, (token steps, the slowest tree's chain of them)."""
         timer.reset()
         counting.reset()
         torch.manual_seed(0)
@@ -175,7 +208,8 @@ def main() -> None:
         tree = run_search(counting, env, tasks, cfg)
         return (time.perf_counter() - t0, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
                 int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split(),
-                counting.cache.stats() if counting.cache is not None else None, counting.seconds)
+                counting.cache.stats() if counting.cache is not None else None, counting.seconds,
+                (counting.token_steps, counting.critical_path()))
 
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
@@ -206,7 +240,7 @@ def main() -> None:
         for key, rows in (("requested", run[3]), ("decoded", run[6])):
             p = time_plain(run[2], max(1, min(policy.batch_size, round(rows))))
             plain[key] = p if plain[key] is None or p[0] < plain[key][0] else plain[key]
-    wall, fwd, tokens, requested, calls, nodes, decoded, split, cache, in_generate = best
+    wall, fwd, tokens, requested, calls, nodes, decoded, split, cache, in_generate, (token_steps, chain) = best
     search_tps = tokens / wall
     ratio = {k: search_tps / (p[1] / p[0]) for k, p in plain.items()}
 
@@ -228,6 +262,12 @@ def main() -> None:
     print(f"of the search's forward time: prompt passes {split['prompt_passes']:.0%}, decoding steps of at most "
           f"{ForwardTimer.SMALL_STEP} rows {split['small_steps']:.0%} (for {split['small_steps_rows']:.1%} of the "
           f"rows decoded)")
+    print(f"token steps (each call's longest row, summed): {token_steps}; the slowest tree's own calls alone: {chain} "
+          f"({chain / max(token_steps, 1):.0%}), the fewest any batching across trees can take (a tree's simulations "
+          f"are sequential)")
+    forward_only = {k: r / max(1.0 - outside, 1e-12) for k, r in ratio.items()}
+    print(f"the search's forward passes alone (its tokens over its forward time) against plain sampling: "
+          f"{forward_only['requested']:.2f}x at the requested batch, {forward_only['decoded']:.2f}x at the decoded one")
     if cache is None:
         print("prefix cache: none (--prefix-cache-mb 0)")
     else:
@@ -239,6 +279,7 @@ def main() -> None:
                       "plain_tokens_per_s": {k: p[1] / p[0] for k, p in plain.items()},
                       "requested_batch": requested, "decoded_batch": decoded,
                       "ratio_vs_plain": ratio, "forward_split": split,
+                      "token_steps": token_steps, "slowest_tree_token_steps": chain, "ratio_forward_only": forward_only,
                       "targets_met": {"outside_share": outside <= 0.05,
                                       "tokens_ratio_at_requested_batch": ratio["requested"] >= 0.7,
                                       "tokens_ratio_at_decoded_batch": ratio["decoded"] >= 0.7}}))
