@@ -15,7 +15,8 @@ tasks and reports, measured in the same run:
   times, so most steps of a call run fewer rows than it started with);
 * what bounds that ratio: the search's token steps (each ``generate`` call's longest row, summed)
   against its slowest tree's own calls, which run one after another (a tree's next selection
-  needs the values of its last expansion), so that no batching across trees can take fewer; and
+  needs the values of its last expansion), so that no batching across trees can take fewer (with
+  ``--park-rows``, a rollout can span calls and this is no longer a bound); and
   the ratios the search's forward passes alone give (its tokens over its forward time), i.e. with
   nothing outside them.
 
