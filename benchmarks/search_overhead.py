@@ -109,8 +109,8 @@ class ForwardTimer:
 
 class CountingPolicy:
     """Forwards to a policy and counts generated tokens, rows, calls and the time inside them, and
-    per call its token steps (its longest row) and each tree's longest row (a context belongs to
-    the task whose prompt it starts with)."""
+    keeps each call's contexts and samples for :meth:`token_steps` (a context belongs to the task
+    whose prompt it starts with)."""
 
     def __init__(self, policy, task_prompts):
         self.policy = policy
@@ -122,8 +122,7 @@ class CountingPolicy:
         self.tokens = self.rows = self.calls = 0
         self.seconds = 0.0
         self.cache = None
-        self.token_steps = 0  # per call, its longest row's tokens, summed
-        self.chains: dict[int, int] = {}  # per tree, its longest row's tokens in each call, summed
+        self.log: list[tuple[list, list]] = []  # per call, its contexts and samples (read after the search)
 
     def _tree(self, context: str) -> int:
         for k in self._prompt_lengths:  # the longest task prompt it starts with
@@ -139,19 +138,23 @@ class CountingPolicy:
         self.tokens += sum(s.num_tokens for group in out for s in group)
         self.rows += sum(len(group) for group in out)
         self.calls += 1
-        longest: dict[int, int] = {}
-        for context, group in zip(prompts, out):
-            b = self._tree(context)
-            longest[b] = max([longest.get(b, 0)] + [s.num_tokens for s in group])
-        self.token_steps += max(longest.values(), default=0)
-        for b, k in longest.items():
-            self.chains[b] = self.chains.get(b, 0) + k
+        self.log.append((prompts, out))
         return out
 
-    def critical_path(self) -> int:
-        """Token steps of the slowest tree's own calls: the decoding steps it needs one after
-        another (a tree's simulations are sequential), so no batching across trees takes fewer."""
-        return max(self.chains.values(), default=0)
+    def token_steps(self) -> tuple[int, int]:
+        """Token steps of the calls so far (each call's longest row, summed), and of the slowest
+        tree's own calls: the decoding steps it needs one after another (a tree's simulations are
+        sequential), so that no batching across trees takes fewer."""
+        total, chains = 0, {}
+        for prompts, out in self.log:
+            longest: dict[int, int] = {}
+            for context, group in zip(prompts, out):
+                b = self._tree(context)
+                longest[b] = max([longest.get(b, 0)] + [s.num_tokens for s in group])
+            total += max(longest.values(), default=0)
+            for b, k in longest.items():
+                chains[b] = chains.get(b, 0) + k
+        return total, max(chains.values(), default=0)
 
     def requested_batch(self) -> float:
         """Rows per ``generate`` call."""
@@ -207,10 +210,11 @@ def main() -> None:
         torch.manual_seed(0)
         t0 = time.perf_counter()
         tree = run_search(counting, env, tasks, cfg)
-        return (time.perf_counter() - t0, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
+        wall = time.perf_counter() - t0
+        return (wall, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
                 int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split(),
                 counting.cache.stats() if counting.cache is not None else None, counting.seconds,
-                (counting.token_steps, counting.critical_path()))
+                counting.token_steps())
 
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
