@@ -218,20 +218,23 @@ def main() -> None:
                 counting.cache.stats() if counting.cache is not None else None, counting.seconds,
                 counting.token_steps())
 
+    def sample_until(tokens: int, prompts, max_new_tokens: int):
+        """Seconds and tokens of ``generate`` calls on ``prompts()`` (a new list each call) until at
+        least ``tokens`` tokens are sampled."""
+        done = 0
+        t0 = time.perf_counter()
+        while done < tokens:
+            out = policy.generate(prompts(), temperature=cfg.temperature, max_new_tokens=max_new_tokens, stop=None)
+            done += sum(s.num_tokens for g in out for s in g)
+        return time.perf_counter() - t0, done
+
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
-        steps = max(1, round(tokens / batch))
         prompts = [t["prompt"] for t in islice(arithmetic_tasks(999), batch)]
         saved = policy.eos_id, policy.model.generation_config.eos_token_id
         policy.eos_id = policy.model.generation_config.eos_token_id = None  # every row runs to the cap
-        try:
-            done = 0
-            t0 = time.perf_counter()
-            while done < tokens:
-                n = min(steps, 64)  # the policy's positions cap; repeat calls until the token count is reached
-                out = policy.generate(prompts, temperature=1.0, max_new_tokens=n, stop=None)
-                done += sum(s.num_tokens for g in out for s in g)
-            return time.perf_counter() - t0, done
+        try:  # calls of at most 64 tokens (the policy's positions cap), repeated until the count is reached
+            return sample_until(tokens, lambda: prompts, min(max(1, round(tokens / batch)), 64))
         finally:
             policy.eos_id, policy.model.generation_config.eos_token_id = saved
 
@@ -240,13 +243,7 @@ def main() -> None:
         ``batch`` task prompts (new ones each call), each row ending at its end-of-sequence token
         or at the search's token cap, as sampling outside search does."""
         stream = arithmetic_tasks(999)
-        done = 0
-        t0 = time.perf_counter()
-        while done < tokens:
-            prompts = [t["prompt"] for t in islice(stream, batch)]
-            out = policy.generate(prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, stop=None)
-            done += sum(s.num_tokens for g in out for s in g)
-        return time.perf_counter() - t0, done
+        return sample_until(tokens, lambda: [t["prompt"] for t in islice(stream, batch)], cfg.max_new_tokens)
 
     # Search and plain sampling take turns, so that both see the machine in the same states; each
     # one's best (shortest) run is reported. Plain sampling with every row running to the cap runs at
