@@ -22,12 +22,19 @@ tasks and reports, measured in the same run:
   the ratios the search's forward passes alone give (its tokens over its forward time), i.e. with
   nothing outside them.
 
+``--widen HIDDEN,LAYERS,MLP`` runs everything with a larger copy of the model that computes the same
+function (:func:`engine.tiny_model.widen_model`: zero-padded weights, so the same samples and trees at
+the cost of a forward pass of that shape), which shows how the share outside the forward passes
+falls as the forward pass grows to a realistic size; the script checks that the seeded search
+builds the same trees with both models.
+
 Forward time is measured with forward hooks on the model (synchronised on GPU). The same seeded
 search and the plain sampling take turns ``--repeats`` times (3), so that both see the machine in
 the same states, and each one's best (shortest) run is reported. Run from the repository root (the
 default model is built on first use, about 3 minutes):
 
     .venv/bin/python benchmarks/search_overhead.py [--tasks 64] [--model DIR] [--repeats 3] [--device cpu]
+        [--widen 512,6,1408]
 
 The last line of output is one JSON object with the headline figures.
 """
@@ -48,8 +55,9 @@ import torch  # noqa: E402
 
 from engine.config import TrainConfig  # noqa: E402
 from engine.loop import load_policy  # noqa: E402
+from engine.policy import TransformersPolicy  # noqa: E402
 from engine.search_runner import run_search  # noqa: E402
-from engine.tiny_model import BootstrapConfig, bootstrap  # noqa: E402
+from engine.tiny_model import BootstrapConfig, bootstrap, widen_model  # noqa: E402
 from envs import MathEnv, arithmetic_tasks  # noqa: E402
 
 
@@ -171,6 +179,22 @@ class CountingPolicy:
         return self.cache
 
 
+def fingerprint(tree) -> list:
+    """Each tree's node texts, parents and visit counts (what two searches must agree on to have
+    built the same trees)."""
+    return [(tree.texts[b][:k], tree.parent[b, :k].tolist(), tree.visits[b, :k].tolist())
+            for b, k in enumerate(tree.node_count.tolist())]
+
+
+def widen_arg(text: str) -> tuple[int, int, int]:
+    """``--widen``'s ``HIDDEN,LAYERS,MLP``."""
+    try:
+        hidden, layers, mlp = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three integers HIDDEN,LAYERS,MLP, e.g. 512,6,1408") from None
+    return hidden, layers, mlp
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, default=64)
@@ -182,6 +206,9 @@ def main() -> None:
     ap.add_argument("--park-rows", type=int, default=TrainConfig.park_rows,
                     help="rows of an expansion call left running into the next round's call (0: each round waits "
                          "for its slowest rollout)")
+    ap.add_argument("--widen", type=widen_arg, default=None, metavar="HIDDEN,LAYERS,MLP",
+                    help="run with a larger copy of the model computing the same function (hidden size, layers, "
+                         "MLP width; e.g. 512,6,1408: 19M parameters from the default's 0.57M)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs of the search and of plain sampling; each one's best (shortest) run is reported")
     args = ap.parse_args()
@@ -192,6 +219,18 @@ def main() -> None:
                               park_rows=args.park_rows)
     tasks = list(islice(arithmetic_tasks(12345), args.tasks))
     env = MathEnv(max_steps=cfg.max_depth)
+    same_trees = None
+    if args.widen:
+        try:
+            wide = widen_model(policy.model, hidden_size=args.widen[0], num_layers=args.widen[1],
+                               intermediate_size=args.widen[2])
+        except ValueError as exc:
+            ap.error(f"--widen: {exc}")
+        torch.manual_seed(0)
+        reference = fingerprint(run_search(policy, env, tasks, cfg))  # the seeded search with the model itself
+        policy = TransformersPolicy(wide, policy.tokenizer, device=args.device, batch_size=policy.batch_size)
+    parameters = sum(p.numel() for p in policy.model.parameters())
+    print(f"model: {parameters / 1e6:.2f}M parameters" + (" (widened, same function)" if args.widen else ""))
 
     # Warm-up: one whole search, which compiles the numba kernels and grows the policy's KV-cache arena
     # to the size the timed searches use (kept from one call to the next, as from one search to the
@@ -213,6 +252,9 @@ def main() -> None:
         t0 = time.perf_counter()
         tree = run_search(counting, env, tasks, cfg)
         wall = time.perf_counter() - t0
+        if args.widen:
+            nonlocal same_trees
+            same_trees = fingerprint(tree) == reference if same_trees is None else same_trees
         return (wall, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
                 int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split(),
                 counting.cache.stats() if counting.cache is not None else None, counting.seconds,
@@ -290,12 +332,16 @@ def main() -> None:
     forward_only = {k: r / max(1.0 - outside, 1e-12) for k, r in ratio.items()}
     print(f"the search's forward passes alone (its tokens over its forward time) against plain sampling: "
           f"{forward_only['requested']:.2f}x at the requested batch, {forward_only['decoded']:.2f}x at the decoded one")
+    if args.widen:
+        print(f"the widened model's search built {'the same' if same_trees else 'DIFFERENT'} trees as the model's own "
+              "(texts, parents, visits)")
     if cache is None:
         print("prefix cache: none (--prefix-cache-mb 0)")
     else:
         print(f"prefix cache: {cache['hits']} of {cache['hits'] + cache['misses']} contexts found "
               f"({cache['entries']} stored, {cache['bytes'] / 2**20:.1f} MiB)")
-    print(json.dumps({"tasks": args.tasks, "wall_s": wall, "forward_s": fwd, "prefix_cache": cache,
+    print(json.dumps({"tasks": args.tasks, "model_parameters": parameters, "widen": args.widen,
+                      "same_trees_as_unwidened": same_trees, "wall_s": wall, "forward_s": fwd, "prefix_cache": cache,
                       "outside_forward_share": outside, "outside_forward_split": outside_split,
                       "search_tokens_per_s": search_tps,
                       "plain_tokens_per_s": {k: p[1] / p[0] for k, p in plain.items()},

@@ -27,7 +27,7 @@ import torch
 from envs import ARITHMETIC_LEVELS, arithmetic_tasks, heldout_arithmetic_tasks
 
 __all__ = ["BootstrapConfig", "CHARS", "TinyModelConfig", "bootstrap", "build_cached", "build_model", "build_tokenizer",
-           "default_cache_dir", "sft_batch", "warmup_cosine_lr"]
+           "default_cache_dir", "sft_batch", "warmup_cosine_lr", "widen_model"]
 
 CHARS = "0123456789+-*=()# \n"
 """Every character of the arithmetic tasks; the vocabulary is these plus pad, eos and unk."""
@@ -119,6 +119,50 @@ def build_model(config: BootstrapConfig, vocab_size: int, pad_id: int, eos_id: i
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
+
+
+def widen_model(model, *, hidden_size: int, num_layers: int, intermediate_size: int):
+    """A larger Llama that computes the same function as ``model`` (a ``LlamaForCausalLM``): the
+    same logits up to rounding, so the same samples and search trees, at the cost of a forward
+    pass of the larger shape. It is how the cost of everything around the forward passes is
+    measured against a forward pass of realistic size without downloading weights
+    (``benchmarks/search_overhead.py --widen``).
+
+    Every weight is copied into the leading block of its larger counterpart and the rest is zero:
+    the added residual dimensions stay zero, the added attention heads (same head size) have zero
+    queries, keys, values and outputs, the added MLP units zero weights, and the added layers
+    (after the original ones) zero projections, so each adds nothing to the residual stream. The
+    RMSNorm weights and epsilon are rescaled by ``model.hidden_size / hidden_size``, as the mean
+    of squares over the wider residual is the original one times that ratio."""
+    from transformers import LlamaForCausalLM
+
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        raise ValueError(f"widen_model takes a LlamaForCausalLM, got a {type(model).__name__}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads  # query heads per key/value head
+    old = (config.hidden_size, config.num_hidden_layers, config.intermediate_size)
+    new = (hidden_size, num_layers, intermediate_size)
+    if any(n < o for n, o in zip(new, old)) or hidden_size % (head_dim * group):
+        raise ValueError(f"widen_model: hidden size, layers and MLP width {new} must each be at least the model's "
+                         f"{old}, and the hidden size a multiple of {head_dim * group} (head size {head_dim} times "
+                         f"{group} query heads per key/value head)")
+    ratio = config.hidden_size / hidden_size
+    heads = hidden_size // head_dim
+    wide = LlamaForCausalLM(type(config)(**{
+        **config.to_dict(), "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+        "intermediate_size": intermediate_size, "num_attention_heads": heads, "num_key_value_heads": heads // group,
+        "head_dim": head_dim, "rms_norm_eps": config.rms_norm_eps * ratio})).to(model.dtype)
+    weights = model.state_dict()
+    with torch.no_grad():
+        for name, p in wide.named_parameters():  # (a tied output layer is the embedding's parameter)
+            w = weights.get(name)
+            norm = name.endswith("norm.weight")  # RMSNorm
+            p.fill_(1.0 if norm and w is None else 0.0)  # an added layer's norms are ones, its projections zero
+            if w is not None:
+                p[tuple(slice(0, k) for k in w.shape)] = w * math.sqrt(ratio) if norm else w
+    wide.generation_config = model.generation_config
+    return wide.to(next(model.parameters()).device).eval()
 
 
 def warmup_cosine_lr(config, step: int) -> float:

@@ -1,3 +1,5 @@
+from itertools import islice
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +253,35 @@ def test_a_token_cap_per_prompt_cuts_each_row_at_its_own(trained_model_dir, devi
                                       head_stop="1", unique_heads=True, temperature=3.0)
         assert all(s.num_tokens == 0 and s.text == "" and not s.duplicate for s in zero)
         assert 0 < other[0].num_tokens <= 5
+
+
+@pytest.mark.parametrize("kv_heads, tied", [(None, True), (1, False)])  # grouped key/value heads, own output layer
+def test_widened_model_computes_the_same_function(trained_model_dir, kv_heads, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.tiny_model import widen_model
+
+    tok = AutoTokenizer.from_pretrained(trained_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_model_dir).eval()
+    if kv_heads is not None:  # a randomly initialised model with 2 query heads per key/value head, untied
+        config = LlamaConfig(**{**model.config.to_dict(), "num_key_value_heads": kv_heads,
+                                "tie_word_embeddings": tied})
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    h, layers, mlp = model.config.hidden_size, model.config.num_hidden_layers, model.config.intermediate_size
+    wide = widen_model(model, hidden_size=4 * h, num_layers=layers + 2, intermediate_size=3 * mlp)
+    assert wide.config.num_attention_heads == 4 * model.config.num_attention_heads
+    assert sum(p.numel() for p in wide.parameters()) > 20 * sum(p.numel() for p in model.parameters())
+    ids = torch.tensor(tok(["(12+5)*3\n17*3=51\n", "4*(2+9)\n"], add_special_tokens=False, padding=True)["input_ids"])
+    mask = (ids != tok.pad_token_id).long()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits
+        b = wide(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    prompts = [t["prompt"] for t in islice(arithmetic_tasks(3), 4)]
+    texts = [[s.text for s in g] for g in TransformersPolicy(model, tok).generate(prompts, temperature=0.0,
+                                                                                max_new_tokens=24, stop=None)]
+    assert texts == [[s.text for s in g] for g in TransformersPolicy(wide, tok).generate(
+        prompts, temperature=0.0, max_new_tokens=24, stop=None)]
+    with pytest.raises(ValueError, match="at least"):
+        widen_model(model, hidden_size=h // 2, num_layers=layers, intermediate_size=mlp)
