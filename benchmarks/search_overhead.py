@@ -254,7 +254,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         if args.widen:
             nonlocal same_trees
-            same_trees = fingerprint(tree) == reference if same_trees is None else same_trees
+            same_trees = same_trees is not False and fingerprint(tree) == reference  # every timed search
         return (wall, timer.total, counting.tokens, counting.requested_batch(), timer.calls,
                 int(tree.node_count.sum()), counting.tokens / max(timer.decode_steps, 1), timer.split(),
                 counting.cache.stats() if counting.cache is not None else None, counting.seconds,
