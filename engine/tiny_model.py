@@ -11,6 +11,7 @@ config, so a second call returns at once.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -161,7 +162,7 @@ def widen_model(model, *, hidden_size: int, num_layers: int, intermediate_size: 
             p.fill_(1.0 if norm and w is None else 0.0)  # an added layer's norms are ones, its projections zero
             if w is not None:
                 p[tuple(slice(0, k) for k in w.shape)] = w * math.sqrt(ratio) if norm else w
-    wide.generation_config = model.generation_config
+    wide.generation_config = copy.deepcopy(model.generation_config)  # its own: changing one leaves the other
     return wide.to(next(model.parameters()).device).eval()
 
 
