@@ -14,7 +14,10 @@ tasks and reports, measured in the same run:
   rows it actually decodes per step (generated tokens / decoding steps; rows finish at different
   times, so most steps of a call run fewer rows than it started with); and, as sampling runs
   outside search, plain batched sampling of whole solutions at the requested batch, each row
-  ending at its end-of-sequence token (so that its rows finish at different times too);
+  ending at its end-of-sequence token (so that its rows finish at different times too), by the
+  policy and by transformers' own ``model.generate``;
+* the share of its wall time each plain reference spends outside its forward passes, measured as
+  the search's is: what batched sampling itself costs around the model, search or not;
 * what bounds that ratio: the search's token steps (each ``generate`` call's longest row, summed)
   against its slowest tree's own calls, which run one after another (a tree's next selection
   needs the values of its last expansion), so that no batching across trees can take fewer (with
@@ -85,8 +88,9 @@ class ForwardTimer:
         self._kind = "prompt"
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         # a decoding step: its cache has seen a forward pass (a prompt pass continuing a context from
-        # the prefix cache runs one position per row too)
-        if ids is not None and cache is not None and cache.layers and not cache.layers[0].prompt_pass:
+        # the prefix cache runs one position per row too); in transformers' own cache, one position a row
+        layer = cache.layers[0] if cache is not None and cache.layers else None
+        if ids is not None and layer is not None and not getattr(layer, "prompt_pass", ids.shape[1] > 1):
             self.decode_steps += 1
             self.step_rows += ids.shape[0]
             if ids.shape[0] <= self.SMALL_STEP:
@@ -264,11 +268,12 @@ def main() -> None:
         """Seconds and tokens of ``generate`` calls on ``prompts()`` (a new list each call) until at
         least ``tokens`` tokens are sampled."""
         done = 0
+        timer.reset()
         t0 = time.perf_counter()
         while done < tokens:
             out = policy.generate(prompts(), temperature=cfg.temperature, max_new_tokens=max_new_tokens, stop=None)
             done += sum(s.num_tokens for g in out for s in g)
-        return time.perf_counter() - t0, done
+        return time.perf_counter() - t0, done, timer.total
 
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
@@ -287,23 +292,44 @@ def main() -> None:
         stream = arithmetic_tasks(999)
         return sample_until(tokens, lambda: [t["prompt"] for t in islice(stream, batch)], cfg.max_new_tokens)
 
+    def time_transformers(tokens: int, batch: int):
+        """transformers' own ``model.generate`` sampling whole solutions as :func:`time_solutions` does
+        (same prompts, temperature and token cap; rows end at the end-of-sequence token, which counts),
+        as a user of the library would call it."""
+        stream, done, eos = arithmetic_tasks(999), 0, policy.eos_id
+        timer.reset()
+        t0 = time.perf_counter()
+        while done < tokens:
+            enc = policy.tokenizer([t["prompt"] for t in islice(stream, batch)], return_tensors="pt", padding=True,
+                                  add_special_tokens=False)  # as the policy encodes
+            with torch.inference_mode():
+                out = policy.model.generate(**enc.to(policy.device), do_sample=True, temperature=cfg.temperature,
+                                            top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                                            pad_token_id=policy.pad_id)
+            new = out[:, enc["input_ids"].shape[1] :]
+            ended = new == eos if eos is not None else torch.zeros_like(new, dtype=torch.bool)
+            done += int(torch.where(ended.any(1), ended.byte().argmax(1) + 1, new.shape[1]).sum())
+        return time.perf_counter() - t0, done, timer.total
+
     # Search and plain sampling take turns, so that both see the machine in the same states; each
     # one's best (shortest) run is reported. Plain sampling with every row running to the cap runs at
     # two batch sizes: the rows the search asked for per batch, and the rows it actually decoded per
     # step (rows finish at different times, so most steps run fewer rows than were asked for); whole
     # solutions at the first.
     best = None
-    plain = {"requested": None, "decoded": None, "solutions": None}
+    plain = {"requested": None, "decoded": None, "solutions": None, "transformers": None}
     for _ in range(args.repeats):
         run = time_search()
         best = run if best is None or run[0] < best[0] else best
         for key, sample, rows in (("requested", time_plain, run[3]), ("decoded", time_plain, run[6]),
-                                  ("solutions", time_solutions, run[3])):
+                                  ("solutions", time_solutions, run[3]),
+                                  ("transformers", time_transformers, run[3])):
             p = sample(run[2], max(1, min(policy.batch_size, round(rows))))
             plain[key] = p if plain[key] is None or p[0] < plain[key][0] else plain[key]
     wall, fwd, tokens, requested, calls, nodes, decoded, split, cache, in_generate, (token_steps, chain) = best
     search_tps = tokens / wall
-    ratio = {k: search_tps / (p[1] / p[0]) for k, p in plain.items()}
+    plain_tps = {k: p[1] / p[0] for k, p in plain.items()}
+    ratio = {k: search_tps / tps for k, tps in plain_tps.items()}
 
     outside = 1.0 - fwd / wall
     print(f"MCTS on {args.tasks} tasks: {cfg.simulations} simulations, {nodes} nodes, "
@@ -317,12 +343,18 @@ def main() -> None:
           f"itself (tree kernels, environment steps, contexts, values): {wall - in_generate:.2f}s "
           f"({outside_split['search']:.1%})")
     for key, rows in (("requested", requested), ("decoded", decoded)):
-        plain_tps = plain[key][1] / plain[key][0]
-        print(f"tokens/s during search {search_tps:,.0f} vs plain batched sampling {plain_tps:,.0f} "
+        print(f"tokens/s during search {search_tps:,.0f} vs plain batched sampling {plain_tps[key]:,.0f} "
               f"at the {key} batch ({rows:.0f} rows): {ratio[key]:.2f}x (target >= 0.7x)")
     print(f"  and vs plain batched sampling of whole solutions at the requested batch, rows ending at their end "
-          f"token (as outside search): {plain['solutions'][1] / plain['solutions'][0]:,.0f} tokens/s, "
+          f"token (as outside search): {plain_tps['solutions']:,.0f} tokens/s, "
           f"{ratio['solutions']:.2f}x (target >= 0.7x)")
+    print(f"  and vs transformers' own generate sampling the same whole solutions: {plain_tps['transformers']:,.0f} "
+          f"tokens/s, {ratio['transformers']:.2f}x (our plain sampling of them: "
+          f"{plain_tps['solutions'] / plain_tps['transformers']:.2f}x transformers')")
+    plain_outside = {k: 1.0 - p[2] / p[0] for k, p in plain.items()}
+    print(f"outside the forward passes, plain batched sampling spends {plain_outside['requested']:.1%} (rows to the "
+          f"cap, requested batch), {plain_outside['decoded']:.1%} (decoded batch), {plain_outside['solutions']:.1%} "
+          f"(whole solutions); transformers' generate {plain_outside['transformers']:.1%} (whole solutions)")
     print(f"of the search's forward time: prompt passes {split['prompt_passes']:.0%}, decoding steps of at most "
           f"{ForwardTimer.SMALL_STEP} rows {split['small_steps']:.0%} (for {split['small_steps_rows']:.1%} of the "
           f"rows decoded)")
@@ -344,9 +376,9 @@ def main() -> None:
                       "same_trees_as_unwidened": same_trees, "wall_s": wall, "forward_s": fwd, "prefix_cache": cache,
                       "outside_forward_share": outside, "outside_forward_split": outside_split,
                       "search_tokens_per_s": search_tps,
-                      "plain_tokens_per_s": {k: p[1] / p[0] for k, p in plain.items()},
+                      "plain_tokens_per_s": plain_tps,
                       "requested_batch": requested, "decoded_batch": decoded,
-                      "ratio_vs_plain": ratio, "forward_split": split,
+                      "ratio_vs_plain": ratio, "plain_outside_forward_share": plain_outside, "forward_split": split,
                       "token_steps": token_steps, "slowest_tree_token_steps": chain, "ratio_forward_only": forward_only,
                       "targets_met": {"outside_share": outside <= 0.05,
                                       "tokens_ratio_at_requested_batch": ratio["requested"] >= 0.7,
