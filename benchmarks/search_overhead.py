@@ -264,24 +264,29 @@ def main() -> None:
                 counting.cache.stats() if counting.cache is not None else None, counting.seconds,
                 counting.token_steps())
 
-    def sample_until(tokens: int, prompts, max_new_tokens: int):
-        """Seconds and tokens of ``generate`` calls on ``prompts()`` (a new list each call) until at
-        least ``tokens`` tokens are sampled."""
+    def sample_until(tokens: int, sample_batch):
+        """Seconds, tokens and seconds inside forward passes of calls of ``sample_batch`` (one
+        batch each, returning the tokens it sampled) until at least ``tokens`` tokens are sampled."""
         done = 0
         timer.reset()
         t0 = time.perf_counter()
         while done < tokens:
-            out = policy.generate(prompts(), temperature=cfg.temperature, max_new_tokens=max_new_tokens, stop=None)
-            done += sum(s.num_tokens for g in out for s in g)
+            done += sample_batch()
         return time.perf_counter() - t0, done, timer.total
+
+    def generate(prompts: list[str], max_new_tokens: int) -> int:
+        """One ``policy.generate`` batch; the tokens it sampled."""
+        out = policy.generate(prompts, temperature=cfg.temperature, max_new_tokens=max_new_tokens, stop=None)
+        return sum(s.num_tokens for g in out for s in g)
 
     def time_plain(tokens: int, batch: int):
         """Plain batched sampling of at least ``tokens`` tokens, ``batch`` rows running to the cap."""
         prompts = [t["prompt"] for t in islice(arithmetic_tasks(999), batch)]
+        cap = min(max(1, round(tokens / batch)), 64)  # calls of at most 64 tokens (the policy's positions cap)
         saved = policy.eos_id, policy.model.generation_config.eos_token_id
         policy.eos_id = policy.model.generation_config.eos_token_id = None  # every row runs to the cap
-        try:  # calls of at most 64 tokens (the policy's positions cap), repeated until the count is reached
-            return sample_until(tokens, lambda: prompts, min(max(1, round(tokens / batch)), 64))
+        try:
+            return sample_until(tokens, lambda: generate(prompts, cap))
         finally:
             policy.eos_id, policy.model.generation_config.eos_token_id = saved
 
@@ -290,32 +295,32 @@ def main() -> None:
         ``batch`` task prompts (new ones each call), each row ending at its end-of-sequence token
         or at the search's token cap, as sampling outside search does."""
         stream = arithmetic_tasks(999)
-        return sample_until(tokens, lambda: [t["prompt"] for t in islice(stream, batch)], cfg.max_new_tokens)
+        return sample_until(tokens, lambda: generate([t["prompt"] for t in islice(stream, batch)], cfg.max_new_tokens))
 
     def time_transformers(tokens: int, batch: int):
         """transformers' own ``model.generate`` sampling whole solutions as :func:`time_solutions` does
         (same prompts, temperature and token cap; rows end at the end-of-sequence token, which counts),
         as a user of the library would call it."""
-        stream, done, eos = arithmetic_tasks(999), 0, policy.eos_id
-        timer.reset()
-        t0 = time.perf_counter()
-        while done < tokens:
+        stream, eos = arithmetic_tasks(999), policy.eos_id
+
+        def sample_batch() -> int:
             enc = policy.tokenizer([t["prompt"] for t in islice(stream, batch)], return_tensors="pt", padding=True,
-                                  add_special_tokens=False)  # as the policy encodes
+                                   add_special_tokens=False)  # as the policy encodes
             with torch.inference_mode():
                 out = policy.model.generate(**enc.to(policy.device), do_sample=True, temperature=cfg.temperature,
                                             top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                                             pad_token_id=policy.pad_id)
             new = out[:, enc["input_ids"].shape[1] :]
             ended = new == eos if eos is not None else torch.zeros_like(new, dtype=torch.bool)
-            done += int(torch.where(ended.any(1), ended.byte().argmax(1) + 1, new.shape[1]).sum())
-        return time.perf_counter() - t0, done, timer.total
+            return int(torch.where(ended.any(1), ended.byte().argmax(1) + 1, new.shape[1]).sum())
+
+        return sample_until(tokens, sample_batch)
 
     # Search and plain sampling take turns, so that both see the machine in the same states; each
     # one's best (shortest) run is reported. Plain sampling with every row running to the cap runs at
     # two batch sizes: the rows the search asked for per batch, and the rows it actually decoded per
     # step (rows finish at different times, so most steps run fewer rows than were asked for); whole
-    # solutions at the first.
+    # solutions, by the policy and by transformers' generate, at the first.
     best = None
     plain = {"requested": None, "decoded": None, "solutions": None, "transformers": None}
     for _ in range(args.repeats):
