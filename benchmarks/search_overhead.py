@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine.config import TrainConfig  # noqa: E402
-from engine.loop import load_policy  # noqa: E402
 from engine.policy import TransformersPolicy  # noqa: E402
+from engine.run_inputs import load_policy  # noqa: E402
 from engine.search_runner import run_search  # noqa: E402
 from engine.tiny_model import BootstrapConfig, bootstrap, widen_model  # noqa: E402
 from envs import MathEnv, arithmetic_tasks  # noqa: E402

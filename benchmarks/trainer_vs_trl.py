@@ -61,7 +61,7 @@ def search_pairs(n: int, seed: int = 0) -> list[dict]:
     import torch
 
     from engine.config import TrainConfig
-    from engine.loop import load_policy
+    from engine.run_inputs import load_policy
     from engine.search_runner import run_search
     from engine.tiny_model import BootstrapConfig, bootstrap
     from envs import MathEnv, arithmetic_tasks

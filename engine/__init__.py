@@ -27,7 +27,7 @@ _LAZY = {
     "TransformersPolicy": "engine.policy",
     "PrefixCache": "engine.prefix_cache",
     "evaluate": "engine.evaluate",
-    "load_policy": "engine.loop",
+    "load_policy": "engine.run_inputs",
     "train": "engine.loop",
     "run_search": "engine.search_runner",
 }

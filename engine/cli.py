@@ -29,7 +29,7 @@ def _fail(message: str) -> int:
 
 def _bootstrap(args: BootstrapArgs, console) -> int:
     from engine.evaluate import evaluate
-    from engine.loop import load_policy
+    from engine.run_inputs import load_policy
     from engine.tiny_model import BootstrapConfig, bootstrap
     from envs import heldout_arithmetic_tasks
 
@@ -55,7 +55,7 @@ def _train_config(argv: list[str]) -> tuple[TrainConfig, TrainConfig | None]:
     known, _ = pre.parse_known_args(argv)
     base = saved = None
     if known.resume is not None:
-        from engine.loop import load_run_config
+        from engine.run_inputs import load_run_config
 
         base = saved = load_run_config(known.resume)
     if known.config is not None:

@@ -56,7 +56,7 @@ def model_dir(tmp_path_factory, trained_model_dir):
     training), so that search finds pairs and correct solutions and the train stage really trains."""
     import torch
 
-    from engine.loop import load_policy
+    from engine.run_inputs import load_policy
     from engine.tiny_model import CHARS, sft_batch
     from envs import arithmetic_tasks, heldout_arithmetic_tasks
 

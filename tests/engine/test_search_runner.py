@@ -9,7 +9,7 @@ import torch
 
 from engine import search_runner
 from engine.config import TrainConfig
-from engine.loop import load_policy
+from engine.run_inputs import load_policy
 from engine.search_runner import play_out, rollout_trajectories, run_search
 from envs import MathEnv, arithmetic_tasks
 from search import extract_pairs, tree_summary
