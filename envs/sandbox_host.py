@@ -8,12 +8,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["CGROUP_ROOT", "cgroup_layout", "find_interpreter", "sandbox_processes", "world_accessible"]
+__all__ = ["cgroup_layout", "find_interpreter", "sandbox_processes"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def world_accessible(path: str) -> bool:
+def _world_accessible(path: str) -> bool:
     """Whether any user can execute ``path`` (every ancestor searchable, the file readable+executable)."""
     p = Path(path)
     try:
@@ -31,7 +31,7 @@ def find_interpreter() -> str:
     candidates = [os.path.realpath(sys.executable), getattr(sys, "_base_executable", ""),
                   shutil.which("python3") or "", "/usr/bin/python3", "/usr/local/bin/python3"]
     for c in candidates:
-        if c and os.path.isfile(c) and world_accessible(os.path.realpath(c)):
+        if c and os.path.isfile(c) and _world_accessible(os.path.realpath(c)):
             return os.path.realpath(c)
     return os.path.realpath(sys.executable)
 
