@@ -2,7 +2,8 @@
 
 Step-level pairs follow MCTS-DPO (Sec. 2.2) and Step-DPO: at every node whose children differ in
 Q by at least ``min_q_gap``, the highest-Q child is preferred to the lowest-Q child, both as
-continuations of ``prompt + prefix``.
+continuations of ``prompt + prefix``. Identical sibling texts are merged first (one step sampled
+twice is one child), and siblings can be ranked by Agent Q's mix of Q and a critic's score.
 """
 
 from __future__ import annotations
@@ -18,21 +19,64 @@ from search.tree import Tree
 __all__ = ["extract_pairs", "extract_path_lists", "extract_sibling_lists", "extract_trajectories", "tree_summary"]
 
 
-def _pair_record(tree: Tree, b: int, node: int, w: int, l_: int, prompts, task_ids, iteration: int,
-                 smoothing: bool) -> dict:
+class _Stats:
+    """The visits and Q that extraction ranks siblings by. Children of a node with the same text
+    are one step sampled more than once: they count as one, the first of them, holding all their
+    visits and value (the others count as unvisited). With ``alpha < 1``, a node with a critic
+    score ranks by ``alpha * Q + (1 - alpha) * critic`` (Agent Q's mix, Sec. 4.3), one without by Q."""
+
+    def __init__(self, tree: Tree, alpha: float = 1.0):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        visits, value_sum = tree.visits, tree.value_sum
+        for b in range(tree.batch_size):
+            texts = tree.texts[b]
+            for node in np.flatnonzero(tree.num_children[b, : tree.node_count[b]] >= 2).tolist():
+                kids = tree.children(b, node)
+                first: dict[str, int] = {}
+                for c in kids:
+                    first.setdefault(texts[c], c)
+                if len(first) == len(kids):
+                    continue
+                if visits is tree.visits:
+                    visits, value_sum = visits.copy(), value_sum.copy()
+                for c in kids:
+                    f = first[texts[c]]
+                    if f != c:
+                        visits[b, f] += visits[b, c]
+                        value_sum[b, f] += value_sum[b, c]
+                        visits[b, c], value_sum[b, c] = 0, 0.0
+        self.q = np.divide(value_sum, visits, out=np.zeros(value_sum.shape), where=visits > 0)  # the search's Q
+        self.mixed = alpha < 1.0
+        self.rank = self.q  # what siblings are ranked by
+        if self.mixed:
+            critic = tree.critic
+            self.rank = np.where(np.isnan(critic), self.q, alpha * self.q + (1.0 - alpha) * np.nan_to_num(critic))
+        self.visits = visits
+        self.value_sum = self.rank * visits  # what the kernels read: value_sum / visits = the ranking value
+
+    def kids(self, tree: Tree, b: int, node: int, min_visits: int) -> list[int]:
+        """The children of ``node`` that count, with at least ``min_visits`` (and one) visits."""
+        return [c for c in tree.children(b, node) if self.visits[b, c] >= max(min_visits, 1)]
+
+
+def _pair_record(tree: Tree, stats: _Stats, b: int, node: int, w: int, l_: int, prompts, task_ids,
+                 iteration: int, smoothing: bool) -> dict:
     rec = {
         "prompt": prompts[b],
         "prefix": tree.prefix_text(b, node),
         "chosen": tree.texts[b][w],
         "rejected": tree.texts[b][l_],
-        "chosen_q": tree.q(b, w),
-        "rejected_q": tree.q(b, l_),
-        "chosen_visits": int(tree.visits[b, w]),
-        "rejected_visits": int(tree.visits[b, l_]),
+        "chosen_q": float(stats.q[b, w]),
+        "rejected_q": float(stats.q[b, l_]),
+        "chosen_visits": int(stats.visits[b, w]),
+        "rejected_visits": int(stats.visits[b, l_]),
         "task_id": task_ids[b],
         "node_id": node,
         "iteration": iteration,
     }
+    if stats.mixed:
+        rec["chosen_score"], rec["rejected_score"] = float(stats.rank[b, w]), float(stats.rank[b, l_])
     if smoothing:
         nw, nl = rec["chosen_visits"], rec["rejected_visits"]
         rec["label_smoothing"] = min(1.0 - nw / (nw + nl), 0.5) if nw + nl else 0.5
@@ -49,14 +93,20 @@ def extract_pairs(
     min_visits: int = 1,
     mode: Literal["best-worst", "all"] = "best-worst",
     visit_smoothing: bool = False,
+    alpha: float = 1.0,
 ) -> list[dict]:
     """Step-level pairs from sibling nodes.
 
     ``mode="best-worst"``: at most one pair per node, its highest-Q vs its lowest-Q child.
-    ``mode="all"``: every ordered sibling pair whose Q gap is at least ``min_q_gap``.
-    Children with fewer than ``min_visits`` visits are ignored. With ``visit_smoothing`` each
+    ``mode="all"``: every ordered sibling pair whose Q gap is at least ``min_q_gap`` (and above 0:
+    siblings of equal Q make no pair).
+    Children with fewer than ``min_visits`` visits are ignored; children with the same text count
+    as one, holding their summed visits and value. With ``visit_smoothing`` each
     record carries ``label_smoothing`` = min(1 - N_w / (N_w + N_l), 0.5) (MCTS-DPO's confidence
-    from visit counts) for conservative DPO.
+    from visit counts) for conservative DPO. ``alpha < 1``: siblings are ranked by Agent Q's mix
+    ``alpha * Q + (1 - alpha) * critic`` where the tree holds a critic score (``tree.critic``);
+    ``chosen_q`` / ``rejected_q`` stay the search's Q, and the records also carry the mixed values
+    as ``chosen_score`` / ``rejected_score``; ``min_q_gap`` applies to those.
 
     Returns records ``{"prompt", "prefix", "chosen", "rejected", "chosen_q", "rejected_q",
     "chosen_visits", "rejected_visits", "task_id", "node_id", "iteration"}``, ordered by tree, node,
@@ -64,41 +114,47 @@ def extract_pairs(
     """
     if mode not in ("best-worst", "all"):
         raise ValueError(f"mode must be 'best-worst' or 'all', got {mode!r}")
+    stats = _Stats(tree, alpha)
     records = []
     if mode == "best-worst":
-        best, worst, gap = best_worst_children(tree.first_child, tree.num_children, tree.visits,
-                                               tree.value_sum, tree.node_count, int(min_visits))
-        for b, node in zip(*np.nonzero((best >= 0) & (gap >= min_q_gap - 1e-12))):
-            records.append(_pair_record(tree, int(b), int(node), int(best[b, node]), int(worst[b, node]),
+        best, worst, gap = best_worst_children(tree.first_child, tree.num_children, stats.visits,
+                                               stats.value_sum, tree.node_count, int(min_visits))
+        for b, node in zip(*np.nonzero((best >= 0) & (gap >= min_q_gap - 1e-12) & (gap > 0))):
+            records.append(_pair_record(tree, stats, int(b), int(node), int(best[b, node]), int(worst[b, node]),
                                         prompts, task_ids, iteration, visit_smoothing))
         return records
     for b in range(tree.batch_size):
-        for node in np.flatnonzero(tree.num_children[b, : tree.node_count[b]] >= 2):
-            kids = [c for c in tree.children(b, int(node)) if tree.visits[b, c] >= max(min_visits, 1)]
+        for node in np.flatnonzero(tree.num_children[b, : tree.node_count[b]] >= 2).tolist():
+            kids = stats.kids(tree, b, node, min_visits)
             for w in kids:
                 for l_ in kids:
-                    if tree.q(b, w) - tree.q(b, l_) >= min_q_gap - 1e-12 and w != l_:
-                        records.append(_pair_record(tree, b, int(node), w, l_, prompts, task_ids, iteration,
+                    gap = stats.rank[b, w] - stats.rank[b, l_]
+                    if gap > 0 and gap >= min_q_gap - 1e-12:
+                        records.append(_pair_record(tree, stats, b, node, w, l_, prompts, task_ids, iteration,
                                                     visit_smoothing))
     return records
 
 
 def extract_sibling_lists(
     tree: Tree, *, prompts: Sequence[str], task_ids: Sequence[str], iteration: int = 0,
-    min_size: int = 2, min_visits: int = 1,
+    min_size: int = 2, min_visits: int = 1, alpha: float = 1.0,
 ) -> list[dict]:
-    """For every node with at least ``min_size`` visited children: the children ranked by Q (best
-    first), ``{"prompt", "prefix", "responses", "scores", "task_id", "iteration"}`` (TPO's lists)."""
+    """For every node with at least ``min_size`` visited children (children with the same text
+    counting as one): the children ranked by Q (best first; by Agent Q's mix with ``alpha < 1``,
+    see :func:`extract_pairs`), ``{"prompt", "prefix", "responses", "scores", "task_id",
+    "iteration"}`` (TPO's lists)."""
+    stats = _Stats(tree, alpha)
     out = []
     for b in range(tree.batch_size):
-        for node in np.flatnonzero(tree.num_children[b, : tree.node_count[b]] >= min_size):
-            kids = [c for c in tree.children(b, int(node)) if tree.visits[b, c] >= max(min_visits, 1)]
+        for node in np.flatnonzero(tree.num_children[b, : tree.node_count[b]] >= min_size).tolist():
+            kids = stats.kids(tree, b, node, min_visits)
             if len(kids) < min_size:
                 continue
-            kids.sort(key=lambda c, b=b: -tree.q(b, c))
-            out.append({"prompt": prompts[b], "prefix": tree.prefix_text(b, int(node)),
-                        "responses": [tree.texts[b][c] for c in kids], "scores": [tree.q(b, c) for c in kids],
-                        "task_id": task_ids[b], "iteration": iteration})
+            kids.sort(key=lambda c, b=b: -stats.rank[b, c])
+            out.append({"prompt": prompts[b], "prefix": tree.prefix_text(b, node),
+                        "responses": [tree.texts[b][c] for c in kids],
+                        "scores": [float(stats.rank[b, c]) for c in kids], "task_id": task_ids[b],
+                        "iteration": iteration})
     return out
 
 
@@ -123,23 +179,25 @@ def extract_path_lists(
 
 
 def tree_summary(tree: Tree, *, min_q_gap: float = 0.5) -> dict:
-    """Size and shape of a batch of trees: nodes, deepest node, mean branching of internal nodes,
-    and the share of internal nodes with at least two children that yield a best/worst pair."""
+    """Size and shape of a batch of trees: nodes, deepest node, mean branching of internal nodes
+    (those with children), and the share of internal nodes that yield a best/worst pair (as
+    :func:`extract_pairs` finds them with ``min_q_gap``)."""
     counts = tree.node_count
-    internal = branching = with_pair = multi = 0
+    internal = branching = with_pair = 0
     max_depth = 0
-    _, _, gap = best_worst_children(tree.first_child, tree.num_children, tree.visits, tree.value_sum,
+    stats = _Stats(tree)
+    _, _, gap = best_worst_children(tree.first_child, tree.num_children, stats.visits, stats.value_sum,
                                     tree.node_count, 1)
     for b in range(tree.batch_size):
         k = tree.num_children[b, : counts[b]]
+        g = gap[b, : counts[b]]
         internal += int((k > 0).sum())
         branching += int(k.sum())
-        multi += int((k >= 2).sum())
-        with_pair += int(((k >= 2) & (gap[b, : counts[b]] >= min_q_gap - 1e-12)).sum())
+        with_pair += int(((g >= min_q_gap - 1e-12) & (g > 0)).sum())
         max_depth = max(max_depth, int(tree.depth[b, : counts[b]].max()))
     return {"trees": tree.batch_size, "nodes": int(counts.sum()), "max_depth": max_depth,
             "mean_branching": branching / internal if internal else 0.0,
-            "pair_yield": with_pair / multi if multi else 0.0}
+            "pair_yield": with_pair / internal if internal else 0.0}
 
 
 def extract_trajectories(

@@ -5,9 +5,10 @@ microsecond, so per-simulation calls would dominate the cost of the arithmetic i
 
 Selection rules (``rule``):
     PUCT (AlphaZero; MCTS-DPO eq. 1):  Q(c) + c_puct * P(c) * sqrt(N(p)) / (1 + N(c))
-    UCT  (UCB1, as Agent Q uses it):    Q(c) + c_puct * sqrt(ln N(p) / N(c)),  unvisited first
+    UCT  (Agent Q, Putta et al., 2024, Sec. 4.2):  Q(c) + c_puct * sqrt(ln N(p) / (1 + N(c)))
 Q is ``W / N`` (0 for unvisited children) and, with ``normalize_q``, min–max normalised over the
-visited nodes of its tree (MuZero Appendix B; mctx's ``qtransform_by_min_max``).
+visited nodes of its tree (MuZero Appendix B; mctx's ``qtransform_by_min_max``); an unvisited
+child keeps Q = 0 either way. N(p) counts as at least 1. Ties go to the lowest index.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ CACHED_NODES = 1 << 15
 
 
 @njit(cache=True, inline="always")
-def _descend_puct(fc, nc, vis, ws, pr, c, path, scores):
+def _descend_puct(fc, nc, vis, ws, pr, c, path, scores, root):
     """The PUCT walk on raw Q from the root to a leaf (a node without children), always taking the
-    best-scoring child; the nodes passed (root first) go to ``path`` while it has room. Returns the
+    best-scoring child (from node ``root``: 0, or where a committed search goes on); the nodes
+    passed (root first) go to ``path`` while it has room. Returns the
     number of steps taken, so the leaf is ``path[steps]`` when ``steps < len(path)``. Takes one
     tree's rows (1-D views) and ``scores``, with room for the most children of any node.
 
@@ -68,18 +70,18 @@ def _descend_puct(fc, nc, vis, ws, pr, c, path, scores):
     directly (see :func:`synthetic_search`): with both inlined in one loop, the compiled loop is
     slower than either."""
     if fc.shape[0] <= CACHED_NODES:
-        return _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores)
-    return _descend_puct_carry(fc, nc, vis, ws, pr, c, path)
+        return _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores, root)
+    return _descend_puct_carry(fc, nc, vis, ws, pr, c, path, root)
 
 
 @njit(cache=True, inline="always")
-def _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores):
+def _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores, root):
     """:func:`_descend_puct` for trees in cache: each level first scores all children (a loop
     without dependences between iterations) and then takes the argmax (first on ties)."""
     cap = path.shape[0]
-    path[0] = 0
+    path[0] = root
     steps = 0
-    node = uintp(0)
+    node = uintp(root)
     while nc[node] > 0:
         first = uintp(fc[node])
         k = nc[node]
@@ -101,17 +103,17 @@ def _descend_puct_scan(fc, nc, vis, ws, pr, c, path, scores):
 
 
 @njit(cache=True, inline="always")
-def _descend_puct_carry(fc, nc, vis, ws, pr, c, path):
+def _descend_puct_carry(fc, nc, vis, ws, pr, c, path, root):
     """:func:`_descend_puct` for trees larger than the cache. Scanning the children also loads
     each child's own ``first_child``, ``num_children`` and ``visits``, and the best child's are
     carried to the next level: those loads, cache misses in a large tree, then overlap with the
     scan instead of adding a second dependent memory access per level."""
     cap = path.shape[0]
-    path[0] = 0
+    path[0] = root
     steps = 0
-    first = uintp(fc[0])
-    k = nc[0]
-    parent_n = vis[0]
+    first = uintp(fc[root])
+    k = nc[root]
+    parent_n = vis[root]
     while k > 0:
         explore = c * math.sqrt(max(parent_n, 1))  # once per node, not once per child
         best = first
@@ -135,20 +137,21 @@ def _descend_puct_carry(fc, nc, vis, ws, pr, c, path):
 
 
 @njit(cache=True, inline="always")
-def _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores):
+def _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores, root):
     """:func:`_descend_puct` for any rule, with Q min-max rescaled to [0, 1] when ``hi > lo``."""
     if rule == PUCT and not hi > lo:  # the common case: PUCT on raw Q, no per-child rescaling
-        return _descend_puct(fc, nc, vis, ws, pr, c, path, scores)
+        return _descend_puct(fc, nc, vis, ws, pr, c, path, scores, root)
     cap = path.shape[0]
-    path[0] = 0
+    path[0] = root
     steps = 0
     scale = 1.0 / (hi - lo) if hi > lo else 1.0
     shift = lo if hi > lo else 0.0
-    node = uintp(0)
+    node = uintp(root)
     while nc[node] > 0:
         first = uintp(fc[node])
         parent_n = max(vis[node], 1)
-        explore = c * math.sqrt(parent_n) if rule == PUCT else c * math.sqrt(math.log(parent_n))
+        explore = c * math.sqrt(parent_n) if rule == PUCT else 0.0
+        log_n = math.log(parent_n) if rule == UCT else 0.0  # >= 0
         best = first
         best_score = -np.inf
         ch = first
@@ -157,9 +160,9 @@ def _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores):
             n = vis[ch]
             if n > 0:
                 q = (ws[ch] / n - shift) * scale
-                score = q + explore * pr[ch] / (1.0 + n) if rule == PUCT else q + explore / math.sqrt(n)
-            else:
-                score = explore * pr[ch] if rule == PUCT else np.inf
+                score = q + explore * pr[ch] / (1.0 + n) if rule == PUCT else q + c * math.sqrt(log_n / (1.0 + n))
+            else:  # Q = 0
+                score = explore * pr[ch] if rule == PUCT else c * math.sqrt(log_n)
             if score > best_score:
                 best_score = score
                 best = ch
@@ -172,13 +175,13 @@ def _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores):
 
 
 @njit(cache=True, inline="always")
-def _descend_into(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores):
+def _descend_into(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores, root):
     """:func:`_descend`, retried with a larger ``path`` when the first did not have room for every
     level. Returns ``(steps, path)``; the leaf is ``path[steps]``."""
-    steps = _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores)
+    steps = _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores, root)
     if steps >= path.shape[0]:
         path = np.empty(2 * steps + 2, np.int64)
-        steps = _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores)
+        steps = _descend(fc, nc, vis, ws, pr, c, rule, lo, hi, path, scores, root)
     return steps, path
 
 
@@ -190,14 +193,15 @@ def puct_select(first_child, num_children, visits, value_sum, prior, c_puct, out
     scores = np.empty(max(num_children.max(), 1))
     for b in range(first_child.shape[0]):
         steps, path = _descend_into(first_child[b], num_children[b], visits[b], value_sum[b], prior[b],
-                                    c_puct, PUCT, 0.0, 0.0, path, scores)
+                                    c_puct, PUCT, 0.0, 0.0, path, scores, 0)
         out_leaf[b] = path[steps]
 
 
 @njit(cache=True)
 def select_leaves(parent, first_child, num_children, visits, value_sum, prior, node_count,
-                  c, rule, normalize_q, virtual_loss, out_leaf):
-    """Up to ``L = out_leaf.shape[1]`` distinct leaves per tree in one call.
+                  c, rule, normalize_q, virtual_loss, roots, out_leaf):
+    """Up to ``L = out_leaf.shape[1]`` distinct leaves per tree in one call, each tree's descents
+    starting at its node ``roots[b]`` (``[B]`` int32: 0, or the step a search has committed to).
 
     After each descent a *virtual loss* is applied along the path (``virtual_loss`` extra visits
     with value 0), so the next descent in the same tree is steered elsewhere (Chaslot et al., 2008;
@@ -214,7 +218,7 @@ def select_leaves(parent, first_child, num_children, visits, value_sum, prior, n
             lo, hi = _q_range(b, visits, value_sum, node_count)
         for j in range(num):
             steps, path = _descend_into(first_child[b], num_children[b], visits[b], value_sum[b], prior[b],
-                                        c, rule, lo, hi, path, scores)
+                                        c, rule, lo, hi, path, scores, roots[b])
             leaf = path[steps]
             reached[j] = leaf
             out_leaf[b, j] = leaf
@@ -370,9 +374,9 @@ def _synthetic(parent, depth, first_child, num_children, visits, value_sum, prio
         vis, ws, pr, rew, term = visits[b], value_sum[b], prior[b], reward[b], terminal[b]
         for s in range(sims):
             if scan:
-                steps = _descend_puct_scan(fc, nc, vis, ws, pr, c_puct, path, scores)  # = the leaf's depth
+                steps = _descend_puct_scan(fc, nc, vis, ws, pr, c_puct, path, scores, 0)  # = the leaf's depth
             else:
-                steps = _descend_puct_carry(fc, nc, vis, ws, pr, c_puct, path)
+                steps = _descend_puct_carry(fc, nc, vis, ws, pr, c_puct, path, 0)
             leaf = path[steps]
             if steps < max_depth:
                 start = node_count[b]

@@ -136,6 +136,7 @@ def mcts(
     backup_mode: Literal["mean", "visit-weighted"] = "mean",
     gamma: float = 1.0,
     max_depth: int = 16,
+    commit_every: int = 0,
     progress: ProgressFn | None = None,
 ) -> Tree:
     """Run ``num_simulations`` rounds of select → expand → evaluate → backup on every tree.
@@ -146,17 +147,30 @@ def mcts(
     terminal, or at ``max_depth``, is not expanded: its own value (reward for terminal nodes, else
     its current Q) is backed up again, as a repeat visit does in AlphaZero (nothing for a node whose
     value ``evaluate_fn`` left pending, as NaN).
+
+    ``commit_every=k > 0`` searches step by step, as MCTS-DPO does (Xie et al., 2024, Sec. 2.1):
+    after every ``k`` rounds each tree commits to the most visited child of its current search
+    root (the first on ties) and its later selections start there, the committed subtree keeping
+    its statistics. The rest of the tree stays in place, so extraction still sees the siblings of
+    every committed step as they were when it was committed (values still back up to the tree's
+    root). A tree whose search root is terminal, at ``max_depth`` or without children stops.
+    (:meth:`Tree.reroot` does the same commit and also drops the rest, to free the memory.)
     """
     _check(num_simulations, c_puct, rule)
     if leaves_per_tree < 1 or virtual_loss < 0:
         raise ValueError("leaves_per_tree must be >= 1 and virtual_loss >= 0")
+    if commit_every < 0:
+        raise ValueError(f"commit_every must be >= 0 (0: no commits), got {commit_every}")
     bsz = tree.batch_size
     leaves = np.zeros((bsz, leaves_per_tree), np.int32)
+    roots = np.zeros(bsz, np.int32)  # where each tree's selections start
+    stopped = np.zeros(bsz, np.bool_)  # committed to a step that ends its search
     rule_id = PUCT if rule == "puct" else UCT
     pending: set[tuple[int, int]] = set()  # nodes whose value evaluate_fn left pending (NaN)
     for sim in range(num_simulations):
         select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                      tree.node_count, c_puct, rule_id, normalize_q, virtual_loss, leaves)
+                      tree.node_count, c_puct, rule_id, normalize_q, virtual_loss, roots, leaves)
+        leaves[stopped] = -1
         tb, nb = np.nonzero(leaves >= 0)
         nb = leaves[tb, nb]
         tb = tb.astype(np.int32)
@@ -175,9 +189,24 @@ def mcts(
                                   evaluate_fn=evaluate_fn)
         pending.update((b, n) for b, n, v in zip(eb, en, ev) if v != v)  # NaN: valued later, by the caller
         back_up(tree, back_b + eb, back_n + en, back_v + ev, mode=backup_mode, gamma=gamma)
+        if commit_every and (sim + 1) % commit_every == 0:
+            _commit(tree, roots, stopped, max_depth)
         if progress is not None:
             progress(sim + 1, num_simulations)
     return tree
+
+
+def _commit(tree: Tree, roots: np.ndarray, stopped: np.ndarray, max_depth: int) -> None:
+    """Move each tree's search root to its most visited child (MCTS-DPO's step commit); a tree
+    whose root has no children, or whose new root is terminal or at ``max_depth``, stops."""
+    for b in np.flatnonzero(~stopped).tolist():
+        kids = tree.children(b, int(roots[b]))
+        if not len(kids):
+            stopped[b] = True
+            continue
+        child = kids[int(np.argmax(tree.visits[b, kids.start : kids.stop]))]
+        roots[b] = child
+        stopped[b] = bool(tree.terminal[b, child]) or tree.depth[b, child] >= max_depth
 
 
 def mcts_streamed(
@@ -221,6 +250,7 @@ def mcts_streamed(
     started = np.zeros(bsz, np.int64)
     going: list[set[int]] = [set() for _ in range(bsz)]
     leaf = np.zeros((1, 1), np.int32)
+    root = np.zeros(1, np.int32)
     rule_id = PUCT if rule == "puct" else UCT
     reported = 0
 
@@ -239,7 +269,7 @@ def mcts_streamed(
         while started[b] < num_simulations and len(going[b]) < in_flight:
             select_leaves(tree.parent[one], tree.first_child[one], tree.num_children[one], tree.visits[one],
                           tree.value_sum[one], tree.prior[one], tree.node_count[one], c_puct, rule_id, normalize_q,
-                          1, leaf)
+                          1, root, leaf)
             node = int(leaf[0, 0])
             if node in going[b]:
                 break  # its expansion has not come back yet

@@ -34,8 +34,12 @@ class Tree:
         prior: prior probability of the step leading to the node (P in PUCT).
         reward: reward the environment gave for the step leading to the node.
         terminal: True when the step ended the episode; a terminal node never has children.
+        critic: a critic's score of the step leading to the node (NaN when none was given), kept
+            beside the search's own Q for extraction to mix (Agent Q's alpha).
         node_count: ``[B]`` number of used slots per tree.
         texts, states: ``B`` lists of per-node step text and environment state.
+        meta: ``B`` dicts (or None) of the caller's data about each tree (task id, prompt...),
+            carried through JSON export (:func:`search.export.tree_to_dict`) unchanged.
     """
 
     def __init__(self, batch_size: int, capacity: int = 64, root_states: Sequence[Any] | None = None):
@@ -52,6 +56,7 @@ class Tree:
         self.prior = np.zeros((b, capacity), np.float64)
         self.reward = np.zeros((b, capacity), np.float64)
         self.terminal = np.zeros((b, capacity), np.bool_)
+        self.critic = np.full((b, capacity), np.nan, np.float64)
         self.node_count = np.ones(b, np.int32)
         self.prior[:, ROOT_INDEX] = 1.0
         self.texts: list[list[str]] = [[""] for _ in range(b)]
@@ -59,10 +64,12 @@ class Tree:
         if len(states) != b:
             raise ValueError(f"got {len(states)} root states for {b} trees")
         self.states: list[list[Any]] = [[s] for s in states]
+        self._critic_set = False
+        self.meta: list[dict | None] = [None] * b
 
     _ARRAYS = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior",
-               "reward", "terminal")
-    _FILL = {"parent": NO_PARENT, "first_child": -1}
+               "reward", "terminal", "critic")
+    _FILL = {"parent": NO_PARENT, "first_child": -1, "critic": np.nan}
 
     def reset(self, root_states: Sequence[Any] | None = None) -> Tree:
         """Empty every tree in place, keeping the arrays (and their capacity) for the next search:
@@ -76,10 +83,14 @@ class Tree:
             raise ValueError(f"got {len(states)} root states for {self.batch_size} trees")
         for name in self._ARRAYS:
             getattr(self, name)[:, ROOT_INDEX] = self._FILL.get(name, 0)
+        if self._critic_set:  # the one field the tree-growing kernels do not write: cleared when used
+            self.critic.fill(np.nan)
+            self._critic_set = False
         self.node_count[:] = 1
         self.prior[:, ROOT_INDEX] = 1.0
         self.texts = [[""] for _ in range(self.batch_size)]
         self.states = [[s] for s in states]
+        self.meta = [None] * self.batch_size
         return self
 
     @property
@@ -130,12 +141,19 @@ class Tree:
         self.num_children[b, sl] = 0
         self.visits[b, sl] = 0
         self.value_sum[b, sl] = 0.0
+        self.critic[b, sl] = np.nan
         self.first_child[b, node] = start if k else -1
         self.num_children[b, node] = k
         self.node_count[b] = start + k
         self.texts[b].extend(texts)
         self.states[b].extend(states if states is not None else [None] * k)
         return range(start, start + k)
+
+    def set_critic(self, tree_index: Sequence[int] | np.ndarray, node_index: Sequence[int] | np.ndarray,
+                   scores: Sequence[float] | np.ndarray) -> None:
+        """Record a critic's scores of nodes ``(tree_index[i], node_index[i])`` (see ``critic``)."""
+        self.critic[np.asarray(tree_index, np.intp), np.asarray(node_index, np.intp)] = scores
+        self._critic_set = True
 
     def children(self, b: int, node: int) -> range:
         first = int(self.first_child[b, node])

@@ -152,3 +152,57 @@ def test_all_pairs_mode_lists_and_smoothing():
     assert lists and all(ls["scores"] == sorted(ls["scores"], reverse=True) for ls in lists)
     with pytest.raises(ValueError):
         extract_pairs(tree, prompts=["p", "q"], task_ids=["a", "b"], mode="bogus")
+
+
+def test_mcts_commits_step_by_step_and_keeps_the_committed_siblings():
+    env, early = setup()
+    mcts(early, expand_fn=expand_fn_for(env), evaluate_fn=oracle, num_simulations=2, c_puct=4.0)
+    env, plain = setup()
+    mcts(plain, expand_fn=expand_fn_for(env), evaluate_fn=oracle, num_simulations=12, c_puct=4.0)
+    env, tree = setup()
+    mcts(tree, expand_fn=expand_fn_for(env), evaluate_fn=oracle, num_simulations=12, c_puct=4.0, commit_every=2)
+    for b, t in enumerate(TASKS):
+        node, chain = 0, []
+        while tree.num_children[b, node]:  # the committed steps: the most visited child, level by level
+            kids = tree.children(b, node)
+            node = kids[int(np.argmax(tree.visits[b, kids.start : kids.stop]))]
+            chain.append(tree.texts[b][node])
+        assert chain == RIGHT[t["task_id"]] and tree.terminal[b, node]
+        # the first step's rejected sibling keeps the statistics it had when the step was committed
+        (wrong,) = [c for c in tree.children(b, 0) if tree.texts[b][c] != RIGHT[t["task_id"]][0]]
+        assert early.texts[b][wrong] == tree.texts[b][wrong]
+        assert (tree.visits[b, wrong], tree.value_sum[b, wrong]) == (early.visits[b, wrong], early.value_sum[b, wrong])
+        assert plain.visits[b, wrong] > early.visits[b, wrong]  # without commits the search went back to it
+        assert tree.visits[b, 0] < plain.visits[b, 0]  # it stopped once it had committed to the last step
+    pairs = extract_pairs(tree, prompts=["p", "q"], task_ids=["a", "b"])
+    assert sorted(p["prefix"] for p in pairs if p["task_id"] == "a") == ["", "12+5=17\n", "12+5=17\n17*3=51\n"]
+    with pytest.raises(ValueError, match="commit_every"):
+        mcts(tree, expand_fn=expand_fn_for(env), evaluate_fn=oracle, num_simulations=1, commit_every=-1)
+
+
+def test_mcts_goes_on_after_reroot_with_the_kept_statistics():
+    env, tree = setup()
+    mcts(tree, expand_fn=expand_fn_for(env), evaluate_fn=oracle, num_simulations=4)
+    kept = {}
+    for b, t in enumerate(TASKS):
+        right = next(c for c in tree.children(b, 0) if tree.texts[b][c] == RIGHT[t["task_id"]][0])
+        kept[b] = (int(tree.visits[b, right]), float(tree.value_sum[b, right]))
+        assert tree.reroot(b, right) == RIGHT[t["task_id"]][0]
+        assert (tree.visits[b, 0], tree.value_sum[b, 0]) == kept[b]
+    # the expansions use the depth of each node, which reroot counts from the committed step
+    steps = {b: RIGHT[t["task_id"]][1:] for b, t in enumerate(TASKS)}
+
+    def expand_on(tree_, tb, nb):
+        out = []
+        for b, n in zip(tb, nb):
+            d = min(int(tree_.depth[b, n]), 1)
+            tid = TASKS[b]["task_id"]
+            out.append([step(env, tree_.states[b][n], steps[b][d], -1.0),
+                        step(env, tree_.states[b][n], WRONG[tid][d + 1], -2.0)])
+        return out
+
+    mcts(tree, expand_fn=expand_on, evaluate_fn=oracle, num_simulations=4)  # its paths start past the commit
+    for b in range(2):
+        assert tree.visits[b, 0] > kept[b][0]
+        best = max(tree.children(b, 0), key=lambda c, b=b: tree.q(b, c))
+        assert tree.texts[b][best] == steps[b][0]

@@ -116,13 +116,13 @@ def test_tree_grows_by_doubling_and_keeps_data():
         tree.add_children(0, 3, ["x\n"], [1.0], [0], [False])
 
 
-def reference_select_general(tree, b, c, rule, normalize):
+def reference_select_general(tree, b, c, rule, normalize, start=0):
     lo = hi = 0.0
     if normalize:
         qs = [tree.value_sum[b, i] / tree.visits[b, i] for i in range(tree.node_count[b]) if tree.visits[b, i]]
         lo, hi = (min(qs), max(qs)) if qs else (0.0, 0.0)
     scale, shift = (1.0 / (hi - lo), lo) if hi > lo else (1.0, 0.0)
-    node = 0
+    node = start
     while tree.num_children[b, node] > 0 and not tree.terminal[b, node]:
         pn = tree.visits[b, node]
         scores = []
@@ -132,7 +132,7 @@ def reference_select_general(tree, b, c, rule, normalize):
             if rule == PUCT:
                 scores.append(q + c * math.sqrt(max(pn, 1)) * tree.prior[b, ch] / (1 + n))
             else:
-                scores.append(math.inf if n == 0 else q + c * math.sqrt(math.log(max(pn, 1))) / math.sqrt(n))
+                scores.append(q + c * math.sqrt(math.log(max(pn, 1)) / (1 + n)))  # Agent Q: unvisited too
         node = tree.children(b, node)[int(np.argmax(scores))]
     return node
 
@@ -144,9 +144,46 @@ def test_select_leaves_single_matches_reference(seed, rule, normalize):
     tree = random_tree(np.random.default_rng(seed))
     out = np.zeros((tree.batch_size, 1), np.int32)
     select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                  tree.node_count, 1.3, rule, normalize, 1, out)
+                  tree.node_count, 1.3, rule, normalize, 1, np.zeros(tree.batch_size, np.int32), out)
     assert out[:, 0].tolist() == [reference_select_general(tree, b, 1.3, rule, normalize)
                                   for b in range(tree.batch_size)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("rule", "normalize", "large"), [(PUCT, False, False), (PUCT, False, True),
+                                                          (PUCT, True, False), (UCT, False, False), (UCT, True, False)])
+def test_select_leaves_from_committed_roots_matches_reference(seed, rule, normalize, large):
+    rng = np.random.default_rng(100 + seed)
+    tree = random_tree(rng)
+    if large:  # the PUCT walk's form for rows past the cache-resident size
+        tree._ensure_capacity(CACHED_NODES + 1)
+    roots = np.array([rng.choice(np.flatnonzero(tree.num_children[b, : tree.node_count[b]] > 0))
+                      for b in range(tree.batch_size)], np.int32)
+    out = np.zeros((tree.batch_size, 1), np.int32)
+    select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
+                  tree.node_count, 1.3, rule, normalize, 1, roots, out)
+    for b in range(tree.batch_size):
+        assert out[b, 0] == reference_select_general(tree, b, 1.3, rule, normalize, start=int(roots[b]))
+        assert int(roots[b]) in [0, *tree.path(b, int(out[b, 0]))]  # below the committed node
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_uct_is_agent_q_form_and_unvisited_child_need_not_win(normalize):
+    # root N = 10; children A (N 5, W 4.0, Q 0.8), B (N 4, W 1.2, Q 0.3), C unvisited; c = 0.5.
+    # Agent Q: Q + c * sqrt(ln N(p) / (1 + N(c))), ln 10 = 2.302585:
+    #   A 0.8 + 0.5 * sqrt(2.302585 / 6) = 1.10974   (normalised Q over the tree, [0.3, 0.8] -> A 1.0: 1.30974)
+    #   B 0.3 + 0.5 * sqrt(2.302585 / 5) = 0.63931   (normalised: B 0.0: 0.33931)
+    #   C 0.0 + 0.5 * sqrt(2.302585 / 1) = 0.75871   (Q = 0 unvisited, normalised or not)
+    # so A; the old UCB1 rule (unvisited first, c * sqrt(ln N(p) / N(c))) took C.
+    tree = Tree(1, capacity=4)
+    tree.add_children(0, 0, ["a\n", "b\n", "c\n"], [1 / 3] * 3, [0.0] * 3, [False] * 3)
+    tree.visits[0, :4] = [10, 5, 4, 0]
+    tree.value_sum[0, :4] = [5.2, 4.0, 1.2, 0.0]
+    out = np.zeros((1, 1), np.int32)
+    select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
+                  tree.node_count, 0.5, UCT, normalize, 1, np.zeros(1, np.int32), out)
+    assert out[0, 0] == 1
+    assert reference_select_general(tree, 0, 0.5, UCT, normalize) == 1
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -155,7 +192,7 @@ def test_virtual_loss_spreads_leaves_and_restores_visits(seed):
     before = tree.visits.copy()
     out = np.zeros((tree.batch_size, 4), np.int32)
     select_leaves(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum, tree.prior,
-                  tree.node_count, 1.0, PUCT, False, 3, out)
+                  tree.node_count, 1.0, PUCT, False, 3, np.zeros(tree.batch_size, np.int32), out)
     np.testing.assert_array_equal(tree.visits, before)
     for b in range(tree.batch_size):
         got = [x for x in out[b] if x >= 0]
