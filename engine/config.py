@@ -51,9 +51,16 @@ class TrainConfig:
     search: Literal["mcts", "tot-bfs", "tot-dfs", "sample"] = "mcts"
     """Search algorithm: MCTS, Tree-of-Thoughts breadth-first (beam) or depth-first (pruned), or
     plain sampling of whole solutions (the instance-level baseline)."""
-    leaf_eval: Literal["rollout", "outcome", "self-eval", "mix"] = "rollout"
+    leaf_eval: Literal["rollout", "outcome", "self-eval", "scorer", "mix"] = "rollout"
     """How open nodes are valued: policy rollouts to the end, none (terminal outcome only, MCTS),
-    the policy's self-evaluation (MCTS-DPO), or alpha * rollout + (1 - alpha) * self-evaluation."""
+    the policy's self-evaluation (MCTS-DPO), an external scorer (--scorer), or mix (Agent Q): rollout
+    values for the search, plus a critic's score of every new open node (--scorer if given, else
+    self-evaluation) that pairs and lists rank siblings by as alpha * Q + (1 - alpha) * critic."""
+    scorer: str | None = None
+    """Scorer of partial solutions for --leaf-eval scorer, or the critic of --leaf-eval mix (a process
+    reward or value model): MODULE:FUNCTION importable from the working directory, or FILE.py:FUNCTION.
+    Called with two lists of strings, the task prompts and the partial solutions (one of each per
+    node), it returns one finite number per node."""
     tasks_per_iteration: int = 1024
     """Training tasks searched per iteration (fresh ones each iteration)."""
     simulations: int = 8
@@ -64,16 +71,21 @@ class TrainConfig:
     """MCTS backup: running mean, or MCTS-DPO's visit-weighted mean of children."""
     leaves_per_tree: int = 1
     """Leaves expanded per tree and round (virtual loss keeps them apart)."""
+    commit_every: int = 0
+    """MCTS step by step (MCTS-DPO): every N simulations each tree commits to the most visited child
+    of its search root and searches on below it, keeping that subtree's statistics (0: one search
+    from the root)."""
     beam_width: int = 4
     """Open nodes kept per level in tot-bfs."""
     prune_below: float = 0.3
     """tot-dfs does not explore children valued below this."""
     alpha: float = 0.5
-    """Weight of the rollout value in --leaf-eval mix (Agent Q's alpha)."""
+    """--leaf-eval mix: weight of the search's Q against the critic's score when siblings are ranked
+    for pairs and lists (Agent Q's alpha)."""
     self_eval_question: str = "\nIs the solution above correct so far? Answer:"
     """Text appended to the partial solution for --leaf-eval self-eval."""
     self_eval_yes: str = " Yes"
-    """Positive verdict whose probability is the self-evaluation value."""
+    """Positive verdict: the self-evaluation value is its probability, normalised over the two verdicts."""
     self_eval_no: str = " No"
     """Negative verdict."""
     num_candidates: int = 4
@@ -274,6 +286,11 @@ def validate(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must be in [0, 1], got {cfg.alpha}")
+    if cfg.leaf_eval == "scorer" and not cfg.scorer:
+        problems.append("--leaf-eval scorer needs --scorer MODULE:FUNCTION (or FILE.py:FUNCTION)")
+    if cfg.scorer and cfg.leaf_eval not in ("scorer", "mix"):
+        problems.append(f"--scorer is read by --leaf-eval scorer or mix, not {cfg.leaf_eval}; "
+                        "drop --scorer or choose one of those")
     if cfg.leaf_eval == "outcome" and cfg.search in ("tot-bfs", "tot-dfs"):
         problems.append("--leaf-eval outcome needs --search mcts (tree-of-thoughts ranks nodes by value)")
     if not 0.0 <= cfg.label_smoothing < 0.5:
@@ -282,6 +299,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.prefix_cache_mb < 0:
         problems.append(f"--prefix-cache-mb must be >= 0, got {cfg.prefix_cache_mb}")
+    if cfg.commit_every < 0:
+        problems.append(f"--commit-every must be >= 0 (0: no commits), got {cfg.commit_every}")
+    elif cfg.commit_every and cfg.search != "mcts":
+        problems.append("--commit-every commits MCTS steps: it needs --search mcts")
     if cfg.park_rows < 0:
         problems.append(f"--park-rows must be >= 0, got {cfg.park_rows}")
     elif cfg.park_rows and not (cfg.search == "mcts" and cfg.leaf_eval == "rollout" and cfg.rollouts == 1

@@ -238,7 +238,8 @@ class _Run:
         prompts = [t["meta"]["prompt"] for t in dicts]
         ids = [t["meta"]["task_id"] for t in dicts]
         record = [(r["tree"], r["node"], r["steps"], r["reward"]) for r in read_jsonl(d / "rollouts.jsonl")]
-        pairs = extract_pairs(tree, prompts=prompts, task_ids=ids, iteration=it, min_q_gap=cfg.min_q_gap)
+        alpha = cfg.alpha if cfg.leaf_eval == "mix" else 1.0  # Agent Q's mix of Q and the critic's score
+        pairs = extract_pairs(tree, prompts=prompts, task_ids=ids, iteration=it, min_q_gap=cfg.min_q_gap, alpha=alpha)
         trajs = [{**t, "source": "tree"} for t in extract_trajectories(tree, prompts=prompts, task_ids=ids,
                                                                         iteration=it)]
         trajs += rollout_trajectories(tree, record, prompts=prompts, task_ids=ids, iteration=it)
@@ -249,7 +250,8 @@ class _Run:
         write_jsonl(d / "sft.jsonl", sft_records)
         outputs = [d / "pairs.jsonl", d / "trajectories.jsonl", d / "sft.jsonl"]
         if cfg.trainer == "tpo":
-            write_jsonl(d / "lists.jsonl", extract_sibling_lists(tree, prompts=prompts, task_ids=ids, iteration=it))
+            write_jsonl(d / "lists.jsonl", extract_sibling_lists(tree, prompts=prompts, task_ids=ids, iteration=it,
+                                                                  alpha=alpha))
             outputs.append(d / "lists.jsonl")
         solved = len({t["task_id"] for t in sft_records})
         self.console.print(f"iteration {it}: {len(pairs)} step pairs; {solved} tasks solved by some path")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from engine.errors import UsageError
 from search import Candidate, Tree, back_up, mcts, sample_trajectories, tot_bfs, tot_dfs
 
 __all__ = [
@@ -16,12 +21,14 @@ __all__ = [
     "make_rollout_evaluate_fn",
     "make_sample_fn",
     "make_self_eval_fn",
-    "mix_evaluators",
+    "load_scorer",
+    "make_scorer_fn",
     "ParkedRollouts",
     "play_out",
     "walk_lines",
     "rollout_trajectories",
     "run_search",
+    "with_critic",
 ]
 
 
@@ -279,14 +286,73 @@ def make_self_eval_fn(policy, prompts: Sequence[str], *, question: str, verdicts
     return evaluate_fn
 
 
-def mix_evaluators(search_value, critic, alpha: float):
-    """Agent Q's mix (Putta et al., 2024, Sec. 4.2): ``alpha * search value + (1 - alpha) * critic``."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+def with_critic(evaluate_fn, critic):
+    """Agent Q's critic (Putta et al., 2024, Sec. 4.2-4.3): nodes are valued by ``evaluate_fn`` for
+    the search, and ``critic`` (an ``evaluate_fn`` too) scores each of them into ``tree.critic``,
+    which extraction mixes with the search's Q (``alpha * Q + (1 - alpha) * critic``, see
+    :func:`search.extract_pairs`)."""
+
+    def both(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
+        tree.set_critic(tree_index, node_index, np.asarray(critic(tree, tree_index, node_index), np.float64))
+        return evaluate_fn(tree, tree_index, node_index)
+
+    return both
+
+
+def load_scorer(spec: str) -> Callable:
+    """The function ``--scorer`` names: ``MODULE:FUNCTION`` (importable from the working directory)
+    or ``FILE.py:FUNCTION``; a :class:`UsageError` saying what is wrong otherwise. A module is
+    imported once per process (a scorer that loads a model at import does so once, not per search)."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise UsageError(f"--scorer {spec!r}: give MODULE:FUNCTION or FILE.py:FUNCTION, e.g. my_prm:score")
+    try:
+        if where.endswith(".py"):
+            path = Path(where).resolve()
+            if not path.is_file():
+                raise UsageError(f"--scorer {spec}: no such file {where}")
+            key = f"engine_scorer_{abs(hash(str(path))):x}"  # one module per file, kept as imports are
+            module = sys.modules.get(key)
+            if module is None:
+                module_spec = importlib.util.spec_from_file_location(key, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[key] = module
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[key]
+                    raise
+        else:
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")  # the working directory, as `python -m` has it
+            module = importlib.import_module(where)
+    except UsageError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say so, with its own message
+        raise UsageError(f"--scorer {spec}: importing {where} failed ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"--scorer {spec}: {where} has no function {name}")
+    return fn
+
+
+def make_scorer_fn(scorer: Callable, prompts: Sequence[str], *, name: str = "scorer"):
+    """``evaluate_fn`` from an external scorer (a process reward or value model):
+    ``scorer(task prompts, partial solutions)`` (two lists of strings, one of each per node) returns
+    one finite number per node."""
 
     def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
-        return (alpha * np.asarray(search_value(tree, tree_index, node_index))
-                + (1 - alpha) * np.asarray(critic(tree, tree_index, node_index)))
+        questions = [prompts[b] for b in tree_index]
+        partials = [tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
+        try:
+            values = np.asarray(scorer(questions, partials), dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} returned something that is not a list of numbers ({exc})") from None
+        if values.shape != (len(partials),) or not np.isfinite(values).all():
+            raise ValueError(f"{name} must return one finite number per partial solution: asked for "
+                             f"{len(partials)}, got shape {values.shape}"
+                             + ("" if values.shape != (len(partials),) else " with non-finite values"))
+        return values
 
     return evaluate_fn
 
@@ -359,8 +425,9 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
                                         continuations=continuations, prefix_cache=prefix_cache, parked=parked)
     judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
                               verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
-    evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge,
-                   "mix": mix_evaluators(rollouts, judge, cfg.alpha)}[cfg.leaf_eval]
+    scorer = make_scorer_fn(load_scorer(cfg.scorer), prompts, name=f"--scorer {cfg.scorer}") if cfg.scorer else None
+    evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge, "scorer": scorer,
+                   "mix": with_critic(rollouts, scorer or judge)}[cfg.leaf_eval]
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
                                temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
                                continuations=continuations, max_new_tokens=cfg.max_new_tokens,
@@ -368,7 +435,7 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     if cfg.search == "mcts":
         mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations, c_puct=cfg.c_puct,
              rule=cfg.rule, leaves_per_tree=cfg.leaves_per_tree, backup_mode=cfg.backup, max_depth=cfg.max_depth,
-             progress=progress)
+             commit_every=cfg.commit_every, progress=progress)
         if parked is not None:
             parked.drain(tree)
         return tree

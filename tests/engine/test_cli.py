@@ -74,6 +74,11 @@ def test_help_documents_trainer_flags():
         (["--name", "../escape"], "plain directory name"),
         (["--search", "tot-bfs", "--leaf-eval", "outcome"], "needs --search mcts"),
         (["--alpha", "2"], "--alpha must be in [0, 1]"),
+        (["--leaf-eval", "scorer"], "--leaf-eval scorer needs --scorer"),
+        (["--search", "tot-bfs", "--commit-every", "2"], "--commit-every commits MCTS steps"),
+        (["--scorer", "prm:score"], "read by --leaf-eval scorer or mix"),
+        (["--leaf-eval", "mix", "--scorer", "/nonexistent/prm.py:score"], "no such file"),
+        (["--leaf-eval", "scorer", "--scorer", "json:no_such_function"], "json has no function no_such_function"),
         (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
     ],
 )

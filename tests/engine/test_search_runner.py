@@ -12,7 +12,7 @@ from engine.config import TrainConfig
 from engine.run_inputs import load_policy
 from engine.search_runner import play_out, rollout_trajectories, run_search
 from envs import MathEnv, arithmetic_tasks
-from search import extract_pairs, tree_summary
+from search import Tree, extract_pairs, tree_summary
 
 TASKS = [t for _, t in zip(range(4), arithmetic_tasks(5, levels=(2,)))]
 
@@ -25,11 +25,13 @@ def policy(trained_model_dir, device):
 @pytest.mark.parametrize(
     ("search", "leaf_eval"),
     [("mcts", "rollout"), ("mcts", "outcome"), ("mcts", "self-eval"), ("mcts", "mix"), ("tot-bfs", "rollout"),
-     ("tot-dfs", "self-eval"), ("sample", "rollout")],
+     ("tot-dfs", "self-eval"), ("sample", "rollout"), ("mcts-commit", "rollout")],
 )
 def test_each_algorithm_builds_consistent_trees(policy, search, leaf_eval):
-    cfg = dataclasses.replace(TrainConfig(), search=search, leaf_eval=leaf_eval, simulations=3, num_candidates=3,
-                              max_new_tokens=40, step_max_tokens=16, max_depth=6, prune_below=0.0)
+    commit = 1 if search == "mcts-commit" else 0  # MCTS-DPO's step-by-step search
+    cfg = dataclasses.replace(TrainConfig(), search=search.removesuffix("-commit"), leaf_eval=leaf_eval,
+                              simulations=3, num_candidates=3, max_new_tokens=40, step_max_tokens=16, max_depth=6,
+                              prune_below=0.0, commit_every=commit)
     torch.manual_seed(0)
     record = []
     tree = run_search(policy, MathEnv(max_steps=6), TASKS, cfg, rollout_record=record)
@@ -44,6 +46,16 @@ def test_each_algorithm_builds_consistent_trees(policy, search, leaf_eval):
         assert len(kids) == len(set(kids))  # identical siblings merged
         q = tree.value_sum[b, :n] / np.maximum(tree.visits[b, :n], 1)
         assert ((q >= -1e-9) & (q <= 1 + 1e-9)).all()
+    if leaf_eval == "mix":  # the policy's self-evaluation scored every open node as the critic
+        open_nodes = [(b, i) for b in range(tree.batch_size) for i in range(1, tree.node_count[b])
+                      if not tree.terminal[b, i]]
+        critic = np.array([tree.critic[b, i] for b, i in open_nodes])
+        assert open_nodes and ((critic > 0) & (critic < 1)).all()
+    if commit:  # one search root per simulation, each below the last: the expanded nodes form one path
+        for b in range(tree.batch_size):
+            expanded = [i for i in range(tree.node_count[b]) if tree.num_children[b, i]]
+            assert len({int(tree.depth[b, i]) for i in expanded}) == len(expanded)
+            assert all(tree.parent[b, i] in expanded for i in expanded if i)
     if leaf_eval == "rollout" and search != "sample":
         assert record and all(len(r) == 4 for r in record)
         trajs = rollout_trajectories(tree, record, prompts=[t["prompt"] for t in TASKS],
@@ -151,3 +163,84 @@ def test_parked_rollouts_go_on_in_the_next_round_and_value_their_nodes(policy):
         n = tree.node_count[b]
         assert (tree.visits[b, 1:n] >= 1).all()
         assert tree.visits[b, 0] >= tree.visits[b, tree.children(b, 0)].sum()
+
+
+PRM = '''
+def score(prompts, partials):
+    """A stand-in process reward model: longer partial solutions score higher."""
+    assert len(prompts) == len(partials) and all(isinstance(p, str) for p in prompts + partials)
+    return [min(len(p), 40) / 40 for p in partials]
+'''
+
+
+def _prm(partial: str) -> float:
+    return min(len(partial), 40) / 40
+
+
+@pytest.mark.parametrize("leaf_eval", ["scorer", "mix"])
+def test_external_scorer_values_leaves_or_scores_them_as_critic(policy, tmp_path, leaf_eval):
+    (tmp_path / "prm.py").write_text(PRM)
+    cfg = dataclasses.replace(TrainConfig(), leaf_eval=leaf_eval, scorer=f"{tmp_path / 'prm.py'}:score",
+                              simulations=3, num_candidates=3, max_new_tokens=40, step_max_tokens=16, max_depth=6)
+    torch.manual_seed(0)
+    tree = run_search(policy, MathEnv(max_steps=6), TASKS, cfg)
+    fresh = scored = 0
+    for b in range(tree.batch_size):
+        for i in range(1, tree.node_count[b]):
+            prefix = tree.prefix_text(b, i)
+            leaf = not tree.terminal[b, i] and not tree.num_children[b, i]
+            if leaf_eval == "scorer" and leaf and tree.visits[b, i] == 1:
+                assert tree.q(b, i) == pytest.approx(_prm(prefix))  # valued once, by the scorer
+                fresh += 1
+            if leaf_eval == "mix" and not tree.terminal[b, i]:
+                assert tree.critic[b, i] == pytest.approx(_prm(prefix))  # every open node scored by the critic
+                q = tree.q(b, i)
+                assert q == pytest.approx(round(q * tree.visits[b, i]) / max(tree.visits[b, i], 1))  # rollout rewards
+                scored += 1
+    assert (fresh if leaf_eval == "scorer" else scored) > 0
+    assert np.isnan(tree.critic).all() == (leaf_eval == "scorer")
+    prompts, ids = [t["prompt"] for t in TASKS], [t["task_id"] for t in TASKS]
+    if leaf_eval == "mix":
+        for p in extract_pairs(tree, prompts=prompts, task_ids=ids, min_q_gap=0.0, alpha=0.5):
+            assert p["chosen_score"] >= p["rejected_score"]
+
+
+def test_scorer_errors_name_the_problem(tmp_path, monkeypatch):
+    from engine.errors import UsageError
+    from engine.search_runner import load_scorer, make_scorer_fn
+
+    for spec, needle in [("prm", "give MODULE:FUNCTION"), (f"{tmp_path}/none.py:score", "no such file"),
+                         ("json:nope", "json has no function nope"),
+                         ("no_such_module_x:f", "importing no_such_module_x")]:
+        with pytest.raises(UsageError, match=needle):
+            load_scorer(spec)
+    (tmp_path / "broken_prm.py").write_text("raise RuntimeError('weights missing')\n")
+    with pytest.raises(UsageError, match="weights missing"):
+        load_scorer(f"{tmp_path / 'broken_prm.py'}:score")
+    (tmp_path / "my_prm.py").write_text(PRM)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = load_scorer("my_prm:score")
+    tree = Tree(2)
+    tree.add_children(0, 0, ["1+1=2\n"], [1.0], [0.0], [False])
+    values = make_scorer_fn(fn, ["p", "q"])(tree, np.array([0, 1]), np.array([1, 0]))
+    assert values.tolist() == [_prm("1+1=2\n"), 0.0]
+    for bad, needle in [(lambda q, p: [0.5], "one finite number per partial solution"),
+                        (lambda q, p: [float("nan")] * len(p), "non-finite"),
+                        (lambda q, p: ["x"] * len(p), "not a list of numbers")]:
+        with pytest.raises(ValueError, match=needle):
+            make_scorer_fn(bad, ["p", "q"], name="--scorer t")(tree, np.array([0, 1]), np.array([1, 0]))
+
+
+def test_scorer_file_is_imported_once(tmp_path):
+    from engine.search_runner import load_scorer
+
+    (tmp_path / "counting_prm.py").write_text("import builtins\n"
+                                              "builtins.prm_loads = getattr(builtins, 'prm_loads', 0) + 1\n"
+                                              "def score(q, p):\n    return [0.0] * len(p)\n")
+    import builtins
+
+    spec = f"{tmp_path / 'counting_prm.py'}:score"
+    assert load_scorer(spec) is load_scorer(spec)
+    assert builtins.prm_loads == 1
+    del builtins.prm_loads
