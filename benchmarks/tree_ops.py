@@ -55,6 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from search import Candidate, mcts  # noqa: E402
 from search.kernels import synthetic_search  # noqa: E402
 from search.tree import Tree  # noqa: E402
 
@@ -98,6 +99,36 @@ def time_ours(priors, values, repeats):
     tree = Tree(priors.shape[0], capacity=1 + priors.shape[1] * K)
     reused = [run_ours(priors, values, tree)[0] for _ in range(repeats)]
     return min(fresh), min(reused), updates, tree
+
+
+def time_plugins(priors: np.ndarray, values: np.ndarray) -> float:
+    """Seconds of :func:`search.mcts` on the same trees and stream through its Python plug-in
+    interface, as a language-model search drives it: ``expand_fn`` returns each leaf's K children
+    as :class:`search.Candidate` objects (log-probability ``log P``, so that the prior is ``P``),
+    and ``evaluate_fn`` values every new child (tree ``b``'s value of the round for all K). Not the
+    same search as the kernel's (it backs up K values a round), and not a target: it shows what the
+    interface costs per simulation around the kernels (selection and backup are the same kernels;
+    each expansion is Python: candidate objects, merging repeated texts, attaching the children)."""
+    trees, sims = values.shape
+    log_p = np.log(priors)
+    texts = [f"s{j}\n" for j in range(K)]
+    round_ = [0]
+
+    def expand_fn(tree, tb, nb):
+        s = round_[0]
+        return [[Candidate(texts[j], float(log_p[b, s, j]), 1) for j in range(K)] for b in tb.tolist()]
+
+    def evaluate_fn(tree, tb, nb):
+        return values[tb, round_[0]]
+
+    def progress(done, total):
+        round_[0] = done
+
+    tree = Tree(trees, capacity=1 + sims * K)
+    start = time.perf_counter()
+    mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=sims, c_puct=C_PUCT,
+         max_depth=MAX_DEPTH, progress=progress)
+    return time.perf_counter() - start
 
 
 def root_visits_ours(t: Tree, b: int) -> list[int]:
@@ -257,6 +288,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ref-repeats", type=int, default=3,
                     help="timed runs of the pure-Python reference and of llm-reasoners on A (the best is "
                          "reported; llm-reasoners on B runs once)")
+    ap.add_argument("--plugin-sims", type=int, default=20,
+                    help="search.mcts through its Python plug-ins: simulations per tree of A (all its trees)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reasoners", action="store_true", help="skip llm-reasoners")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -316,10 +349,20 @@ def main(argv=None) -> None:
                      reasoners_node_updates_per_s=r_upd / r_s, ratio_vs_reasoners=o_rate / r_rate)
         summary[name] = w
 
+    priors, values = inputs["A"]
+    plugin_sims = min(args.plugin_sims, args.sims)
+    time_plugins(priors[:2, :2], values[:2, :2])  # warm-up
+    plugin_s = time_plugins(priors[:, :plugin_sims], values[:, :plugin_sims])
+    plugin = {"sims": priors.shape[0] * plugin_sims, "sims_per_s": priors.shape[0] * plugin_sims / plugin_s,
+              "us_per_sim": plugin_s / (priors.shape[0] * plugin_sims) * 1e6}
+
     print(f"\n{'workload':<9}{'implementation':<16}{'sims':>9}{'seconds':>10}{'sims/s':>12}"
           f"{'updates/s':>12}{'ours x':>9}")
     for name, impl, sims, sec, rate, upd, ratio in rows:
         print(f"{name:<9}{impl:<16}{sims:>9}{sec:>10.3f}{rate:>12.4g}{upd:>12.4g}{ratio:>9.1f}")
+    print(f"\nsearch.mcts() through its Python plug-ins (not a target), A's trees x {plugin_sims} simulations: "
+          f"{plugin['sims_per_s']:.4g} sims/s, {plugin['us_per_sim']:.1f} us a simulation (an expansion of K "
+          "candidate objects); with a language model one expansion costs milliseconds of generation.")
     if reasoners_run is not None:
         print(f"\nllm-reasoners B ran {args.lr_big_sims} of {args.big_sims} simulations: each of its "
               "selections averages the whole value history of every child it scores, so it slows as "
@@ -337,7 +380,8 @@ def main(argv=None) -> None:
             targets[f"{name}_{key}"] = ok
             print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.4g}{unit} (target >= {target:.4g})")
 
-    print(json.dumps({"workloads": summary, "targets_met": targets, "reasoners_available": reasoners_run is not None,
+    print(json.dumps({"workloads": summary, "mcts_plugins": plugin, "targets_met": targets,
+                      "reasoners_available": reasoners_run is not None,
                       "check_passed": True, "k": K, "max_depth": MAX_DEPTH,
                       "c_puct": C_PUCT, "seed": args.seed}))
 
