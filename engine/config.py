@@ -69,6 +69,9 @@ class TrainConfig:
     """MCTS selection rule: PUCT (AlphaZero, MCTS-DPO) or UCT (Agent Q)."""
     backup: Literal["mean", "visit-weighted"] = "mean"
     """MCTS backup: running mean, or MCTS-DPO's visit-weighted mean of children."""
+    normalize_q: bool = False
+    """MCTS selection on Q min-max normalised over each tree's visited nodes (MuZero, mctx), for
+    values outside [0, 1] (an external scorer's, say)."""
     leaves_per_tree: int = 1
     """Leaves expanded per tree and round (virtual loss keeps them apart)."""
     commit_every: int = 0

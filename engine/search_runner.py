@@ -434,8 +434,8 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
                                prefix_cache=prefix_cache, parked=parked)
     if cfg.search == "mcts":
         mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations, c_puct=cfg.c_puct,
-             rule=cfg.rule, leaves_per_tree=cfg.leaves_per_tree, backup_mode=cfg.backup, max_depth=cfg.max_depth,
-             commit_every=cfg.commit_every, progress=progress)
+             rule=cfg.rule, normalize_q=cfg.normalize_q, leaves_per_tree=cfg.leaves_per_tree, backup_mode=cfg.backup,
+             max_depth=cfg.max_depth, commit_every=cfg.commit_every, progress=progress)
         if parked is not None:
             parked.drain(tree)
         return tree

@@ -31,7 +31,7 @@ def test_each_algorithm_builds_consistent_trees(policy, search, leaf_eval):
     commit = 1 if search == "mcts-commit" else 0  # MCTS-DPO's step-by-step search
     cfg = dataclasses.replace(TrainConfig(), search=search.removesuffix("-commit"), leaf_eval=leaf_eval,
                               simulations=3, num_candidates=3, max_new_tokens=40, step_max_tokens=16, max_depth=6,
-                              prune_below=0.0, commit_every=commit)
+                              prune_below=0.0, commit_every=commit, normalize_q=bool(commit))
     torch.manual_seed(0)
     record = []
     tree = run_search(policy, MathEnv(max_steps=6), TASKS, cfg, rollout_record=record)
