@@ -57,6 +57,41 @@ def test_train_tpo_with_lora_writes_lists_and_trainer_metrics(tmp_path, trained_
     assert row["trainer"] == "tpo" and row["num_train_records"] == len(lists)
 
 
+def test_train_with_a_scorer_module_as_agent_q_critic_and_step_commits(tmp_path, trained_model_dir):
+    (tmp_path / "my_prm.py").write_text("def score(prompts, partials):\n"
+                                        "    return [min(len(p), 30) / 30 for p in partials]\n")
+    out = run_cli("train", "--env", "math", "--model", str(trained_model_dir), "--runs-dir", str(tmp_path / "runs"),
+                  "--name", "critic", "--leaf-eval", "mix", "--scorer", "my_prm:score", "--alpha", "0.25",
+                  "--commit-every", "1", "--trainer", "tpo", "--min-q-gap", "0.05", *SMOKE,
+                  cwd=tmp_path)  # the scorer is imported from the working directory
+    assert out.returncode == 0, out.stdout + out.stderr
+    it = tmp_path / "runs" / "critic" / "iter_001"
+    trees = json.loads((it / "trees.json").read_text())
+    scored = [(t, i) for t in trees for i, c in enumerate(t["critic"]) if c is not None]
+    assert scored and all(t["critic"][i] == min(sum(len(t["texts"][j]) for j in _path(t, i)), 30) / 30
+                          for t, i in scored)
+    pairs = [json.loads(line) for line in (it / "pairs.jsonl").read_text().splitlines()]
+    assert pairs
+    for rec in pairs:  # ranked by 0.25 * Q + 0.75 * critic, the gap taken on those values
+        for side in ("chosen", "rejected"):
+            critic = min(len(rec["prefix"] + rec[side]), 30) / 30
+            terminal = rec[side].startswith("####")  # the answer line: valued by its outcome, no critic
+            expected = rec[f"{side}_q"] if terminal else 0.25 * rec[f"{side}_q"] + 0.75 * critic
+            assert rec[f"{side}_score"] == pytest.approx(expected)
+        assert rec["chosen_score"] >= rec["rejected_score"] + 0.05 - 1e-9
+    lists = [json.loads(line) for line in (it / "lists.jsonl").read_text().splitlines()]
+    assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in lists)
+
+
+def _path(tree: dict, node: int) -> list[int]:
+    """Nodes from the root's child down to ``node`` in an exported tree."""
+    out = []
+    while node > 0:
+        out.append(node)
+        node = tree["parent"][node]
+    return out
+
+
 def test_help_documents_trainer_flags():
     out = run_cli("train", "--help")
     assert out.returncode == 0
