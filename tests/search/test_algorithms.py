@@ -39,11 +39,12 @@ def step(env, state, text, logprob=-1.0):
     return Candidate(text, logprob, 6, reward=r, terminal=term or trunc, state=env.get_state())
 
 
-def expand_fn_for(env):
+def expand_fn_for(env, offset=0):
+    """The right and the wrong step at each node; ``offset``: steps committed before the root."""
     def expand_fn(tree, tb, nb):
         out = []
         for b, n in zip(tb, nb):
-            d = min(int(tree.depth[b, n]), 2)
+            d = min(int(tree.depth[b, n]) + offset, 2)
             tid = TASKS[b]["task_id"]
             out.append([step(env, tree.states[b][n], RIGHT[tid][d], -1.0),
                         step(env, tree.states[b][n], WRONG[tid][d], -2.0)])
@@ -189,20 +190,9 @@ def test_mcts_goes_on_after_reroot_with_the_kept_statistics():
         kept[b] = (int(tree.visits[b, right]), float(tree.value_sum[b, right]))
         assert tree.reroot(b, right) == RIGHT[t["task_id"]][0]
         assert (tree.visits[b, 0], tree.value_sum[b, 0]) == kept[b]
-    # the expansions use the depth of each node, which reroot counts from the committed step
-    steps = {b: RIGHT[t["task_id"]][1:] for b, t in enumerate(TASKS)}
-
-    def expand_on(tree_, tb, nb):
-        out = []
-        for b, n in zip(tb, nb):
-            d = min(int(tree_.depth[b, n]), 1)
-            tid = TASKS[b]["task_id"]
-            out.append([step(env, tree_.states[b][n], steps[b][d], -1.0),
-                        step(env, tree_.states[b][n], WRONG[tid][d + 1], -2.0)])
-        return out
-
-    mcts(tree, expand_fn=expand_on, evaluate_fn=oracle, num_simulations=4)  # its paths start past the commit
+    # reroot counts depths from the committed step: the expansions start one step in
+    mcts(tree, expand_fn=expand_fn_for(env, offset=1), evaluate_fn=oracle, num_simulations=4)
     for b in range(2):
         assert tree.visits[b, 0] > kept[b][0]
         best = max(tree.children(b, 0), key=lambda c, b=b: tree.q(b, c))
-        assert tree.texts[b][best] == steps[b][0]
+        assert tree.texts[b][best] == RIGHT[TASKS[b]["task_id"]][1]
