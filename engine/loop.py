@@ -191,8 +191,7 @@ class _Run:
                               progress=lambda d, n: progress(d, n, bar, job))
         search_s = time.time() - t0
         d = self.it_dir(it)
-        write_json(d / "trees.json", [tree_to_dict(tree, b, meta={"task_id": t["task_id"], "prompt": t["prompt"]})
-                                      for b, t in enumerate(tasks)])
+        write_json(d / "trees.json", [tree_to_dict(tree, b) for b in range(tree.batch_size)])  # meta: each task
         write_jsonl(d / "rollouts.jsonl", [{"tree": b, "node": n, "steps": steps, "reward": r}
                                            for b, n, steps, r in record])
         nodes = int(tree.node_count.sum())

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -323,9 +324,11 @@ def load_scorer(spec: str) -> Callable:
                     del sys.modules[key]
                     raise
         else:
-            if "" not in sys.path and "." not in sys.path:
-                sys.path.insert(0, "")  # the working directory, as `python -m` has it
-            module = importlib.import_module(where)
+            sys.path.insert(0, os.getcwd())  # the working directory, for this import only
+            try:
+                module = importlib.import_module(where)
+            finally:
+                sys.path.remove(os.getcwd())
     except UsageError:
         raise
     except Exception as exc:  # the user's module failed to import: say so, with its own message
@@ -339,19 +342,23 @@ def load_scorer(spec: str) -> Callable:
 def make_scorer_fn(scorer: Callable, prompts: Sequence[str], *, name: str = "scorer"):
     """``evaluate_fn`` from an external scorer (a process reward or value model):
     ``scorer(task prompts, partial solutions)`` (two lists of strings, one of each per node) returns
-    one finite number per node."""
+    one finite number per node; anything else is a :class:`UsageError` naming ``name`` (what the
+    scorer itself raises goes on as it is)."""
 
     def evaluate_fn(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
         questions = [prompts[b] for b in tree_index]
         partials = [tree.prefix_text(b, n) for b, n in zip(tree_index, node_index)]
+        returned = scorer(questions, partials)
+        fix = "; fix it and continue the run with --resume"
         try:
-            values = np.asarray(scorer(questions, partials), dtype=np.float64)
+            values = np.asarray(returned, dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} returned something that is not a list of numbers ({exc})") from None
-        if values.shape != (len(partials),) or not np.isfinite(values).all():
-            raise ValueError(f"{name} must return one finite number per partial solution: asked for "
-                             f"{len(partials)}, got shape {values.shape}"
-                             + ("" if values.shape != (len(partials),) else " with non-finite values"))
+            raise UsageError(f"{name} returned something that is not a list of numbers ({exc}){fix}") from None
+        if values.shape != (len(partials),):
+            raise UsageError(f"{name} must return one number per partial solution: asked for {len(partials)}, "
+                             f"got shape {values.shape}{fix}")
+        if not np.isfinite(values).all():
+            raise UsageError(f"{name} returned non-finite values (NaN or inf){fix}")
         return values
 
     return evaluate_fn
@@ -391,7 +398,8 @@ def _gc_paused():
 def run_search(policy, env, tasks: Sequence[dict], cfg, progress: Callable[[int, int], None] | None = None,
                rollout_record: list | None = None) -> Tree:
     """Search every task with ``cfg.search`` (mcts, tot-bfs, tot-dfs or sample) and the leaf
-    evaluation ``cfg.leaf_eval``; returns the batch of trees (one per task). Rollouts are appended
+    evaluation ``cfg.leaf_eval``; returns the batch of trees (one per task, its ``meta`` the task's
+    ``task_id`` and ``prompt``). Rollouts are appended
     to ``rollout_record`` when given (see :func:`make_rollout_evaluate_fn`). The cyclic garbage
     collector is paused meanwhile (see :func:`_gc_paused`)."""
     with _gc_paused():
@@ -405,6 +413,7 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
         roots.append(env.get_state())
     prompts = [t["prompt"] for t in tasks]
     tree = Tree(len(tasks), capacity=1 + cfg.simulations * cfg.num_candidates, root_states=roots)
+    tree.meta = [{"task_id": t["task_id"], "prompt": t["prompt"]} for t in tasks]
     if cfg.search == "sample":
         return sample_trajectories(tree, sample_fn=make_sample_fn(policy, env, prompts, temperature=cfg.temperature,
                                                                   max_new_tokens=cfg.max_new_tokens),

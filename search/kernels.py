@@ -345,7 +345,7 @@ def best_worst_children(first_child, num_children, visits, value_sum, node_count
 
 @njit(cache=True)
 def synthetic_search(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
-                     node_count, priors, values, c_puct, max_depth):
+                     critic, node_count, priors, values, c_puct, max_depth):
     """Whole searches inside one call, for benchmarks and tests: ``S`` sequential PUCT simulations
     on each of ``B`` fresh trees. Simulation ``s`` of tree ``b`` selects a leaf, expands it (when
     above ``max_depth``) with ``K`` children whose priors are ``priors[b, s]``, and backs up
@@ -357,21 +357,21 @@ def synthetic_search(parent, depth, first_child, num_children, visits, value_sum
     lines the descent never touched."""
     if first_child.shape[1] <= CACHED_NODES:  # one loop per form: see _descend_puct
         return _synthetic(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
-                          node_count, priors, values, c_puct, max_depth, True)
+                          critic, node_count, priors, values, c_puct, max_depth, True)
     return _synthetic(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
-                      node_count, priors, values, c_puct, max_depth, False)
+                      critic, node_count, priors, values, c_puct, max_depth, False)
 
 
 @njit(cache=True, inline="always")
 def _synthetic(parent, depth, first_child, num_children, visits, value_sum, prior, reward, terminal,
-               node_count, priors, values, c_puct, max_depth, scan):
+               critic, node_count, priors, values, c_puct, max_depth, scan):
     bsz, sims, k = priors.shape
     updates = 0
     path = np.empty(max_depth + 1, np.int64)  # room for every level: leaves are at most max_depth deep
     scores = np.empty(k)
     for b in range(bsz):
         par, dep, fc, nc = parent[b], depth[b], first_child[b], num_children[b]
-        vis, ws, pr, rew, term = visits[b], value_sum[b], prior[b], reward[b], terminal[b]
+        vis, ws, pr, rew, term, crit = visits[b], value_sum[b], prior[b], reward[b], terminal[b], critic[b]
         for s in range(sims):
             if scan:
                 steps = _descend_puct_scan(fc, nc, vis, ws, pr, c_puct, path, scores, 0)  # = the leaf's depth
@@ -390,6 +390,7 @@ def _synthetic(parent, depth, first_child, num_children, visits, value_sum, prio
                     ws[start + i] = 0.0
                     rew[start + i] = 0.0
                     term[start + i] = False
+                    crit[start + i] = np.nan
                 fc[leaf] = start
                 nc[leaf] = k
                 node_count[b] = start + k

@@ -150,11 +150,12 @@ def mcts(
 
     ``commit_every=k > 0`` searches step by step, as MCTS-DPO does (Xie et al., 2024, Sec. 2.1):
     after every ``k`` rounds each tree commits to the most visited child of its current search
-    root (the first on ties) and its later selections start there, the committed subtree keeping
-    its statistics. The rest of the tree stays in place, so extraction still sees the siblings of
-    every committed step as they were when it was committed (values still back up to the tree's
-    root). A tree whose search root is terminal, at ``max_depth`` or without children stops.
-    (:meth:`Tree.reroot` does the same commit and also drops the rest, to free the memory.)
+    root (the higher prior on ties; none while no child has a visit) and its later selections
+    start there, the committed subtree keeping its statistics. The rest of the tree stays in
+    place, so extraction still sees the siblings of every committed step as they were when it was
+    committed (values still back up to the tree's root). A tree whose search root is terminal or
+    at ``max_depth`` stops; the search ends when every tree has. (:meth:`Tree.reroot` does the
+    same commit and also drops the rest, to free the memory.)
     """
     _check(num_simulations, c_puct, rule)
     if leaves_per_tree < 1 or virtual_loss < 0:
@@ -192,19 +193,27 @@ def mcts(
         if commit_every and (sim + 1) % commit_every == 0:
             _commit(tree, roots, stopped, max_depth)
         if progress is not None:
-            progress(sim + 1, num_simulations)
+            progress(num_simulations if stopped.all() else sim + 1, num_simulations)
+        if stopped.all():  # every tree has committed to its last step
+            break
     return tree
 
 
 def _commit(tree: Tree, roots: np.ndarray, stopped: np.ndarray, max_depth: int) -> None:
-    """Move each tree's search root to its most visited child (MCTS-DPO's step commit); a tree
-    whose root has no children, or whose new root is terminal or at ``max_depth``, stops."""
+    """Move each tree's search root to its most visited child, the higher prior first on ties
+    (MCTS-DPO's step commit); a root none of whose children has a visit yet stays (no evidence to
+    commit on: outcome-only values, or values still pending). A tree whose root is terminal or at
+    ``max_depth``, or has no children after its expansion, stops."""
     for b in np.flatnonzero(~stopped).tolist():
-        kids = tree.children(b, int(roots[b]))
-        if not len(kids):
-            stopped[b] = True
+        root = int(roots[b])
+        kids = tree.children(b, root)
+        if not len(kids):  # a dead end (marked terminal) or the depth limit; else not expanded yet
+            stopped[b] = bool(tree.terminal[b, root]) or tree.depth[b, root] >= max_depth
             continue
-        child = kids[int(np.argmax(tree.visits[b, kids.start : kids.stop]))]
+        visits = tree.visits[b, kids.start : kids.stop]
+        if not visits.any():
+            continue
+        child = kids[int(np.lexsort((-tree.prior[b, kids.start : kids.stop], -visits))[0])]
         roots[b] = child
         stopped[b] = bool(tree.terminal[b, child]) or tree.depth[b, child] >= max_depth
 

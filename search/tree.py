@@ -64,7 +64,6 @@ class Tree:
         if len(states) != b:
             raise ValueError(f"got {len(states)} root states for {b} trees")
         self.states: list[list[Any]] = [[s] for s in states]
-        self._critic_set = False
         self.meta: list[dict | None] = [None] * b
 
     _ARRAYS = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior",
@@ -83,9 +82,6 @@ class Tree:
             raise ValueError(f"got {len(states)} root states for {self.batch_size} trees")
         for name in self._ARRAYS:
             getattr(self, name)[:, ROOT_INDEX] = self._FILL.get(name, 0)
-        if self._critic_set:  # the one field the tree-growing kernels do not write: cleared when used
-            self.critic.fill(np.nan)
-            self._critic_set = False
         self.node_count[:] = 1
         self.prior[:, ROOT_INDEX] = 1.0
         self.texts = [[""] for _ in range(self.batch_size)]
@@ -151,9 +147,12 @@ class Tree:
 
     def set_critic(self, tree_index: Sequence[int] | np.ndarray, node_index: Sequence[int] | np.ndarray,
                    scores: Sequence[float] | np.ndarray) -> None:
-        """Record a critic's scores of nodes ``(tree_index[i], node_index[i])`` (see ``critic``)."""
+        """Record a critic's scores of nodes ``(tree_index[i], node_index[i])`` (see ``critic``):
+        finite numbers, or NaN for none."""
+        scores = np.asarray(scores, np.float64)
+        if np.isinf(scores).any():
+            raise ValueError("critic scores must be finite (NaN: no score)")
         self.critic[np.asarray(tree_index, np.intp), np.asarray(node_index, np.intp)] = scores
-        self._critic_set = True
 
     def children(self, b: int, node: int) -> range:
         first = int(self.first_child[b, node])

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from search import tree_from_dict
 
 ENGINE = [sys.executable, "-m", "engine.cli"]
 SMOKE = ["--iterations", "1", "--tasks-per-iteration", "6", "--simulations", "2", "--heldout-size", "12",
@@ -66,10 +69,10 @@ def test_train_with_a_scorer_module_as_agent_q_critic_and_step_commits(tmp_path,
                   cwd=tmp_path)  # the scorer is imported from the working directory
     assert out.returncode == 0, out.stdout + out.stderr
     it = tmp_path / "runs" / "critic" / "iter_001"
-    trees = json.loads((it / "trees.json").read_text())
-    scored = [(t, i) for t in trees for i, c in enumerate(t["critic"]) if c is not None]
-    assert scored and all(t["critic"][i] == min(sum(len(t["texts"][j]) for j in _path(t, i)), 30) / 30
-                          for t, i in scored)
+    trees = [tree_from_dict(t) for t in json.loads((it / "trees.json").read_text())]
+    scored = [(t, i) for t in trees for i in np.flatnonzero(~np.isnan(t.critic[0, : t.node_count[0]]))]
+    assert scored and all(t.critic[0, i] == min(len(t.prefix_text(0, i)), 30) / 30 for t, i in scored)
+    assert all(t.meta[0]["task_id"].startswith("arith") for t in trees)
     pairs = [json.loads(line) for line in (it / "pairs.jsonl").read_text().splitlines()]
     assert pairs
     for rec in pairs:  # ranked by 0.25 * Q + 0.75 * critic, the gap taken on those values
@@ -81,15 +84,6 @@ def test_train_with_a_scorer_module_as_agent_q_critic_and_step_commits(tmp_path,
         assert rec["chosen_score"] >= rec["rejected_score"] + 0.05 - 1e-9
     lists = [json.loads(line) for line in (it / "lists.jsonl").read_text().splitlines()]
     assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in lists)
-
-
-def _path(tree: dict, node: int) -> list[int]:
-    """Nodes from the root's child down to ``node`` in an exported tree."""
-    out = []
-    while node > 0:
-        out.append(node)
-        node = tree["parent"][node]
-    return out
 
 
 def test_help_documents_trainer_flags():

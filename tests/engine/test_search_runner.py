@@ -1,6 +1,7 @@
 """Every search algorithm and leaf evaluation, run with a real (briefly trained) tiny model."""
 
 import dataclasses
+import sys
 from itertools import islice
 
 import numpy as np
@@ -219,17 +220,22 @@ def test_scorer_errors_name_the_problem(tmp_path, monkeypatch):
         load_scorer(f"{tmp_path / 'broken_prm.py'}:score")
     (tmp_path / "my_prm.py").write_text(PRM)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    fn = load_scorer("my_prm:score")
+    fn = load_scorer("my_prm:score")  # from the working directory
     tree = Tree(2)
     tree.add_children(0, 0, ["1+1=2\n"], [1.0], [0.0], [False])
     values = make_scorer_fn(fn, ["p", "q"])(tree, np.array([0, 1]), np.array([1, 0]))
     assert values.tolist() == [_prm("1+1=2\n"), 0.0]
-    for bad, needle in [(lambda q, p: [0.5], "one finite number per partial solution"),
+    for bad, needle in [(lambda q, p: [0.5], "one number per partial solution: asked for 2, got shape"),
                         (lambda q, p: [float("nan")] * len(p), "non-finite"),
                         (lambda q, p: ["x"] * len(p), "not a list of numbers")]:
-        with pytest.raises(ValueError, match=needle):
+        with pytest.raises(UsageError, match=needle):
             make_scorer_fn(bad, ["p", "q"], name="--scorer t")(tree, np.array([0, 1]), np.array([1, 0]))
+
+    def failing(q, p):
+        raise ValueError("the reward model's own error")
+    with pytest.raises(ValueError, match="the reward model's own error"):  # not relabelled
+        make_scorer_fn(failing, ["p", "q"])(tree, np.array([0, 1]), np.array([1, 0]))
+    assert str(tmp_path) not in sys.path  # the import left sys.path as it was
 
 
 def test_scorer_file_is_imported_once(tmp_path):

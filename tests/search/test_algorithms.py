@@ -196,3 +196,18 @@ def test_mcts_goes_on_after_reroot_with_the_kept_statistics():
         assert tree.visits[b, 0] > kept[b][0]
         best = max(tree.children(b, 0), key=lambda c, b=b: tree.q(b, c))
         assert tree.texts[b][best] == RIGHT[TASKS[b]["task_id"]][1]
+
+
+def test_commits_need_a_visited_child_and_break_ties_by_prior():
+    from search.mcts import _commit
+
+    tree = Tree(3)
+    for b in range(3):
+        tree.add_children(b, 0, ["a\n", "b\n"], [0.3, 0.7], [0.0, 1.0], [False, b == 2])
+    tree.visits[1, 1:3] = [2, 2]  # tied visits: the higher prior ('b') is committed
+    tree.visits[2, 1:3] = [1, 3]  # 'b' is terminal: committed, and the tree stops
+    roots, stopped = np.zeros(3, np.int32), np.zeros(3, np.bool_)
+    _commit(tree, roots, stopped, max_depth=5)
+    assert roots.tolist() == [0, 2, 2] and stopped.tolist() == [False, False, True]  # tree 0: no visits yet
+    _commit(tree, roots, stopped, max_depth=1)  # tree 1's root 'b' is at the depth limit
+    assert roots.tolist() == [0, 2, 2] and stopped.tolist() == [False, True, True]

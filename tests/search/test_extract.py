@@ -144,7 +144,9 @@ def test_critic_scores_follow_reroot_and_clear_on_reset():
     tree.set_critic([0, 0], [4, 5], [0.9, 0.1])
     tree.reroot(0, 1)
     assert tree.critic[0, :3].tolist()[1:] == [0.9, 0.1] and math.isnan(tree.critic[0, 0])
-    tree.reset()
-    assert np.isnan(tree.critic).all() and tree.meta == [None]
-    kids = tree.add_children(0, 0, ["x\n"], [1.0], [0.0], [False])
-    assert math.isnan(tree.critic[0, kids[0]])
+    tree.reset()  # O(B): the root is re-initialised, and each slot as it is taken again
+    assert math.isnan(tree.critic[0, 0]) and tree.meta == [None]
+    kids = tree.add_children(0, 0, ["x\n", "y\n"], [0.5, 0.5], [0.0, 0.0], [False, False])
+    assert np.isnan(tree.critic[0, kids.start : kids.stop]).all() and "critic" not in tree_to_dict(tree, 0)
+    with pytest.raises(ValueError, match="finite"):
+        tree.set_critic([0], [1], [float("inf")])

@@ -250,7 +250,7 @@ def test_synthetic_search_equals_python_reference(capacity):
     values = rng.random((b, s))
     tree = Tree(b, capacity=capacity or 1 + s * k)
     synthetic_search(tree.parent, tree.depth, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
-                     tree.prior, tree.reward, tree.terminal, tree.node_count, priors, values, 1.0, 6)
+                     tree.prior, tree.reward, tree.terminal, tree.critic, tree.node_count, priors, values, 1.0, 6)
     ref = Tree(b, capacity=capacity or 1 + s * k)
     leaf = np.zeros(b, np.int32)
     for i in range(s):
@@ -318,9 +318,11 @@ def test_reset_tree_searches_like_a_fresh_one():
     rng = np.random.default_rng(3)
     b, s, k = 4, 60, 3
     priors, values = rng.dirichlet(np.ones(k), size=(b, s)), rng.random((b, s))
-    names = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior", "reward", "terminal")
+    names = ("parent", "depth", "first_child", "num_children", "visits", "value_sum", "prior", "reward", "terminal",
+             "critic")
     fresh = Tree(b, capacity=1 + s * k)
     used = random_tree(rng, batch=b, expansions=40)  # arbitrary leftovers, then emptied in place
+    used.critic[:, :] = 0.5  # written directly, not through set_critic
     used._ensure_capacity(1 + s * k)
     used.reset(root_states=list("abcd"))
     assert used.node_count.tolist() == [1] * b and used.states == [[c] for c in "abcd"]
@@ -329,7 +331,7 @@ def test_reset_tree_searches_like_a_fresh_one():
     assert used.node_count.tolist() == fresh.node_count.tolist()
     for b_ in range(b):  # the slots in use are identical; the rest may hold stale values
         n_used = fresh.node_count[b_]
-        for n in names:
+        for n in names:  # (NaN critic scores compare equal here)
             np.testing.assert_array_equal(getattr(used, n)[b_, :n_used], getattr(fresh, n)[b_, :n_used], err_msg=n)
     # add_children initialises every field of the slots it takes as well
     used.reset()
