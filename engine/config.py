@@ -67,8 +67,9 @@ class TrainConfig:
     """Search budget per task: MCTS simulations, ToT-DFS expansions, or solutions sampled."""
     rule: Literal["puct", "uct"] = "puct"
     """MCTS selection rule: PUCT (AlphaZero, MCTS-DPO) or UCT (Agent Q)."""
-    backup: Literal["mean", "visit-weighted"] = "mean"
-    """MCTS backup: running mean, or MCTS-DPO's visit-weighted mean of children."""
+    backup: Literal["mean", "visit-weighted", "max"] = "mean"
+    """MCTS backup: running mean, MCTS-DPO's visit-weighted mean of children, or the largest value
+    backed up through a node (llm-reasoners' max Q)."""
     normalize_q: bool = False
     """MCTS selection on Q min-max normalised over each tree's visited nodes (MuZero, mctx), for
     values outside [0, 1] (an external scorer's, say)."""

@@ -22,6 +22,7 @@ __all__ = [
     "PUCT",
     "UCT",
     "backup",
+    "backup_max",
     "backup_visit_weighted",
     "best_worst_children",
     "puct_select",
@@ -247,6 +248,26 @@ def backup(parent, visits, value_sum, tree_index, node_index, values):
         while node >= 0:
             visits[b, node] += 1
             value_sum[b, node] += v
+            node = parent[b, node]
+
+
+@njit(cache=True)
+def backup_max(parent, visits, value_sum, tree_index, node_index, values):
+    """Max backup (llm-reasoners' ``calc_q=np.max``): node ``node_index[j]`` of tree ``tree_index[j]``
+    and each of its ancestors keep the largest value backed up through them, ``values[j]``
+    included, and their visit counts grow by one. Stored as ``W = Q * N`` so that ``Q = W / N``
+    reads the same as for :func:`backup` (the visits must be real ones: no virtual loss pending)."""
+    for j in range(tree_index.shape[0]):
+        b = tree_index[j]
+        node = node_index[j]
+        v = values[j]
+        while node >= 0:
+            n = visits[b, node]
+            q = value_sum[b, node] / n if n > 0 else v
+            if v > q:
+                q = v
+            visits[b, node] = n + 1
+            value_sum[b, node] = q * (n + 1)
             node = parent[b, node]
 
 

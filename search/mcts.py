@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from search.kernels import PUCT, UCT, backup, backup_visit_weighted, select_leaves
+from search.kernels import PUCT, UCT, backup, backup_max, backup_visit_weighted, select_leaves
 from search.tree import Tree
 from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn, StartFn, WaitFn
 
@@ -93,7 +93,7 @@ def expand_nodes(
 
 
 def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float], *,
-            mode: Literal["mean", "visit-weighted"] = "mean", gamma: float = 1.0) -> None:
+            mode: Literal["mean", "visit-weighted", "max"] = "mean", gamma: float = 1.0) -> None:
     """Back values up from the given nodes to their roots (one kernel call for all of them). A NaN
     value is one still pending (an evaluation that backs it up itself later): it is skipped."""
     if not trees:
@@ -109,8 +109,10 @@ def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float],
     elif mode == "visit-weighted":
         backup_visit_weighted(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
                               tree.reward, tb, nb, vb, float(gamma))
+    elif mode == "max":
+        backup_max(tree.parent, tree.visits, tree.value_sum, tb, nb, vb)
     else:
-        raise ValueError(f"backup mode must be 'mean' or 'visit-weighted', got {mode!r}")
+        raise ValueError(f"backup mode must be 'mean', 'visit-weighted' or 'max', got {mode!r}")
 
 
 def _check(num_simulations: int, c_puct: float, rule: str) -> None:
@@ -133,7 +135,7 @@ def mcts(
     normalize_q: bool = False,
     leaves_per_tree: int = 1,
     virtual_loss: int = 1,
-    backup_mode: Literal["mean", "visit-weighted"] = "mean",
+    backup_mode: Literal["mean", "visit-weighted", "max"] = "mean",
     gamma: float = 1.0,
     max_depth: int = 16,
     commit_every: int = 0,
@@ -227,7 +229,7 @@ def mcts_streamed(
     c_puct: float = 1.0,
     rule: Literal["puct", "uct"] = "puct",
     normalize_q: bool = False,
-    backup_mode: Literal["mean", "visit-weighted"] = "mean",
+    backup_mode: Literal["mean", "visit-weighted", "max"] = "mean",
     gamma: float = 1.0,
     max_depth: int = 16,
     in_flight: int = 1,
@@ -270,6 +272,15 @@ def mcts_streamed(
             reported = int(done.min())
             progress(reported, num_simulations)
 
+    def real_back_up(b: int, nodes: list[int], values: list[float]) -> None:
+        """Back values up in tree ``b`` with the virtual visits of its other expansions taken out
+        meanwhile: the backups that store ``W = Q * N`` (visit-weighted, max) need real counts."""
+        for other in going[b]:
+            _virtual(tree, b, other, -1)
+        back_up(tree, [b] * len(nodes), nodes, values, mode=backup_mode, gamma=gamma)
+        for other in going[b]:
+            _virtual(tree, b, other, 1)
+
     def advance(b: int) -> int:
         """Select tree ``b``'s next leaves and start their expansions (up to ``in_flight`` going),
         finishing the simulations that need none on the way; the number started."""
@@ -290,7 +301,7 @@ def mcts_streamed(
                 begun += 1
                 continue
             value = float(tree.reward[b, node]) if tree.terminal[b, node] else tree.q(b, node)
-            back_up(tree, [b], [node], [value], mode=backup_mode, gamma=gamma)
+            real_back_up(b, [node], [value])
             finished(b)
         return begun
 
@@ -310,10 +321,10 @@ def mcts_streamed(
                 first.setdefault(c.text, i)
             kept, idx = _grow(tree, b, node, cands)
             if not kept:  # the policy produced nothing usable: a dead end worth 0
-                back_up(tree, [b], [node], [0.0], mode=backup_mode, gamma=gamma)
+                real_back_up(b, [node], [0.0])
             else:
                 vals = [float(c.reward) if c.terminal else float(values[first[c.text]]) for c in kept]
-                back_up(tree, [b] * len(kept), [int(i) for i in idx], vals, mode=backup_mode, gamma=gamma)
+                real_back_up(b, [int(i) for i in idx], vals)
             finished(b)
             running += advance(b)
     return tree

@@ -116,6 +116,7 @@ def test_sampling_builds_a_trie_with_monte_carlo_values():
 
 
 @pytest.mark.parametrize("kwargs", [dict(rule="uct"), dict(backup_mode="visit-weighted", gamma=0.9),
+                                    dict(backup_mode="max"),
                                     dict(leaves_per_tree=3), dict(normalize_q=True), dict()])
 def test_mcts_options_find_the_solution(kwargs):
     env, tree = setup()

@@ -10,6 +10,7 @@ from search import (
     UCT,
     Tree,
     backup,
+    backup_max,
     backup_visit_weighted,
     best_worst_children,
     puct_select,
@@ -81,6 +82,29 @@ def test_backup_matches_reference(seed):
             n = tree.parent[b, n]
     np.testing.assert_array_equal(tree.visits, visits)
     np.testing.assert_allclose(tree.value_sum, value_sum)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_max_backup_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    tree = random_tree(rng)
+    best = {}  # (tree, node) -> the largest value backed up through it, as a plain maximum
+    for b in range(tree.batch_size):
+        tree.visits[b], tree.value_sum[b] = 0, 0.0
+    tb = rng.integers(0, tree.batch_size, 60).astype(np.int32)
+    nb = np.array([rng.integers(0, tree.node_count[b]) for b in tb], np.int32)
+    vals = rng.random(60) * 2 - 1
+    for j in range(0, 60, 20):  # three kernel calls, each over a batch of backups
+        backup_max(tree.parent, tree.visits, tree.value_sum, tb[j : j + 20], nb[j : j + 20], vals[j : j + 20])
+    counts = {}
+    for b, n, v in zip(tb.tolist(), nb.tolist(), vals.tolist()):
+        while n >= 0:
+            best[b, n] = max(best.get((b, n), -np.inf), v)
+            counts[b, n] = counts.get((b, n), 0) + 1
+            n = int(tree.parent[b, n])
+    for (b, n), v in best.items():
+        assert tree.visits[b, n] == counts[b, n] and tree.q(b, n) == pytest.approx(v)
+    assert int(tree.visits.sum()) == sum(counts.values())
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -69,7 +69,8 @@ class Scrambled:
         return out
 
 
-@pytest.mark.parametrize("kw", [{}, {"backup_mode": "visit-weighted"}, {"rule": "uct", "max_depth": 3}])
+@pytest.mark.parametrize("kw", [{}, {"backup_mode": "visit-weighted"}, {"backup_mode": "max"},
+                                {"rule": "uct", "max_depth": 3}])
 def test_one_in_flight_equals_round_by_round_mcts(kw):
     batch, sims = 6, 25
     ref = lockstep(batch, sims, **kw)
@@ -118,6 +119,31 @@ def test_several_in_flight_keep_their_bounds_and_leave_no_virtual_visits():
         mine = [n for x, n in keys if x == b]
         assert len(mine) == len(set(mine))
     assert calls and calls[-1] == (sims, sims) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+@pytest.mark.parametrize("mode", ["visit-weighted", "max"])
+def test_several_in_flight_back_up_real_visits(mode):
+    """With other expansions of a tree in flight (their paths holding virtual visits), the backups
+    that store W = Q * N still give every node the Q of its form: visit-weighted, r + the
+    visit-weighted mean of its children's Q; max, the largest value backed up through it."""
+    driver = Scrambled(11)
+    tree = mcts_streamed(Tree(4, capacity=8), start_fn=driver.start, wait_fn=driver.wait, num_simulations=30,
+                         in_flight=3, backup_mode=mode)
+    assert max(k for _, _, k in driver.started) == 3
+    checked = 0
+    for b in range(tree.batch_size):
+        for i in range(tree.node_count[b]):
+            kids = [c for c in tree.children(b, i) if tree.visits[b, c]]
+            if not kids:
+                continue
+            if mode == "visit-weighted":
+                n = sum(int(tree.visits[b, c]) for c in kids)
+                expected = tree.reward[b, i] + sum(tree.value_sum[b, c] for c in kids) / n
+                assert tree.q(b, i) == pytest.approx(expected)
+            else:  # at least its children's best, and one of the values that came through it
+                assert tree.q(b, i) >= max(tree.q(b, c) for c in kids) - 1e-12
+            checked += 1
+    assert checked > 20
 
 
 def test_bad_driver_and_arguments():
