@@ -313,6 +313,9 @@ def validate(cfg: TrainConfig) -> list[str]:
                                 and cfg.prefix_cache_mb > 0):
         problems.append("--park-rows parks MCTS rollouts: it needs --search mcts, --leaf-eval rollout, --rollouts 1 "
                         "and the prefix cache (--prefix-cache-mb > 0); drop it or set those")
+    if cfg.env == "code" and (cfg.scorer or cfg.commit_every):
+        problems.append("--scorer and --commit-every steer the tree search of --env math; --env code samples whole "
+                        "completions (DSTC pairs): drop them")
     if cfg.env == "code" and cfg.trainer == "tpo":
         problems.append("--trainer tpo needs ranked lists from a search tree; use it with --env math")
     if cfg.allow_config_change and cfg.resume is None:

@@ -105,6 +105,7 @@ def test_help_documents_trainer_flags():
         (["--alpha", "2"], "--alpha must be in [0, 1]"),
         (["--leaf-eval", "scorer"], "--leaf-eval scorer needs --scorer"),
         (["--search", "tot-bfs", "--commit-every", "2"], "--commit-every commits MCTS steps"),
+        (["--commit-every", "2", "--env", "code"], "--env code samples whole completions"),
         (["--scorer", "prm:score"], "read by --leaf-eval scorer or mix"),
         (["--leaf-eval", "mix", "--scorer", "/nonexistent/prm.py:score"], "no such file"),
         (["--leaf-eval", "scorer", "--scorer", "json:no_such_function"], "json has no function no_such_function"),
