@@ -294,7 +294,7 @@ def with_critic(evaluate_fn, critic):
     :func:`search.extract_pairs`)."""
 
     def both(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
-        tree.set_critic(tree_index, node_index, np.asarray(critic(tree, tree_index, node_index), np.float64))
+        tree.set_critic(tree_index, node_index, critic(tree, tree_index, node_index))
         return evaluate_fn(tree, tree_index, node_index)
 
     return both

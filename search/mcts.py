@@ -205,7 +205,7 @@ def _commit(tree: Tree, roots: np.ndarray, stopped: np.ndarray, max_depth: int) 
     """Move each tree's search root to its most visited child, the higher prior first on ties
     (MCTS-DPO's step commit); a root none of whose children has a visit yet stays (no evidence to
     commit on: outcome-only values, or values still pending). A tree whose root is terminal or at
-    ``max_depth``, or has no children after its expansion, stops."""
+    ``max_depth`` stops."""
     for b in np.flatnonzero(~stopped).tolist():
         root = int(roots[b])
         kids = tree.children(b, root)
