@@ -14,7 +14,15 @@ import argparse
 import dataclasses
 import sys
 
-from engine.config import SAFE_ON_RESUME, BootstrapArgs, TrainConfig, config_changes, load_config_file, validate
+from engine.config import (
+    SAFE_ON_RESUME,
+    BootstrapArgs,
+    TrainConfig,
+    absolute_paths,
+    config_changes,
+    load_config_file,
+    validate,
+)
 from engine.errors import UsageError
 
 __all__ = ["main"]
@@ -63,7 +71,8 @@ def _train_config(argv: list[str]) -> tuple[TrainConfig, TrainConfig | None]:
         base = dataclasses.replace(base or TrainConfig(), **values)
     cfg = tyro.cli(TrainConfig, default=base or TrainConfig(), args=argv, prog="engine train",
                    description=TrainConfig.__doc__)
-    return cfg, saved
+    # paths made absolute (a run saved with relative ones reads them from this directory, as before)
+    return absolute_paths(cfg), saved and absolute_paths(saved)
 
 
 def _check_resume(saved: TrainConfig, cfg: TrainConfig) -> None:

@@ -54,7 +54,7 @@ class TrainConfig:
     leaf_eval: Literal["rollout", "outcome", "self-eval", "scorer", "mix"] = "rollout"
     """How open nodes are valued: policy rollouts to the end, none (terminal outcome only, MCTS),
     the policy's self-evaluation (MCTS-DPO), an external scorer (--scorer), or mix (Agent Q): rollout
-    values for the search, plus a critic's score of every new open node (--scorer if given, else
+    values for the search, plus a critic's score of every step (--scorer if given, else
     self-evaluation) that pairs and lists rank siblings by as alpha * Q + (1 - alpha) * critic."""
     scorer: str | None = None
     """Scorer of partial solutions for --leaf-eval scorer, or the critic of --leaf-eval mix (a process
@@ -177,6 +177,26 @@ _IGNORED_KEYS = ("format", "model_dir", "sandbox")  # written into a run's confi
 def run_fields(cfg: TrainConfig) -> dict:
     """The options that define a run (what config.json stores)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the files and directories it names (``--model``, ``--task-file``, the file of
+    ``--scorer FILE.py:FUNCTION``) made absolute when they exist, so that a run's config.json names
+    the same files wherever the run is resumed from. Anything else (``humaneval``, a
+    ``MODULE:FUNCTION`` scorer, a path that does not exist, which validation reports) is left as
+    given."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or not Path(path).expanduser().exists():
+            return path
+        return str(Path(path).expanduser().resolve())
+
+    changes = {"model": absolute(cfg.model), "task_file": absolute(cfg.task_file)}
+    if cfg.scorer:
+        where, sep, name = cfg.scorer.rpartition(":")
+        if sep and where.endswith(".py"):
+            changes["scorer"] = f"{absolute(where)}:{name}"
+    return dataclasses.replace(cfg, **changes)
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:

@@ -29,6 +29,7 @@ __all__ = [
     "walk_lines",
     "rollout_trajectories",
     "run_search",
+    "score_unscored",
     "with_critic",
 ]
 
@@ -291,13 +292,28 @@ def with_critic(evaluate_fn, critic):
     """Agent Q's critic (Putta et al., 2024, Sec. 4.2-4.3): nodes are valued by ``evaluate_fn`` for
     the search, and ``critic`` (an ``evaluate_fn`` too) scores each of them into ``tree.critic``,
     which extraction mixes with the search's Q (``alpha * Q + (1 - alpha) * critic``, see
-    :func:`search.extract_pairs`)."""
+    :func:`search.extract_pairs`). The search values terminal steps by their reward, without
+    ``evaluate_fn``: :func:`score_unscored` gives them their critic scores after it."""
 
     def both(tree: Tree, tree_index: np.ndarray, node_index: np.ndarray) -> np.ndarray:
         tree.set_critic(tree_index, node_index, critic(tree, tree_index, node_index))
         return evaluate_fn(tree, tree_index, node_index)
 
     return both
+
+
+def score_unscored(tree: Tree, critic) -> int:
+    """Critic scores, in one batched ``critic`` call (an ``evaluate_fn``), for every node but the
+    roots that has none: the steps a search valued without its ``evaluate_fn`` (terminal ones, by
+    their reward; dead ends), so that every sibling ranks by the same mix of Q and critic at
+    extraction (Agent Q's critic scores every proposed action). Returns the number scored."""
+    width = int(tree.node_count.max())
+    made = np.arange(width)[None, :] < tree.node_count[:, None]
+    tb, nb = np.nonzero(made & np.isnan(tree.critic[:, :width]) & (tree.parent[:, :width] >= 0))
+    if len(tb):
+        tb, nb = tb.astype(np.int32), nb.astype(np.int32)
+        tree.set_critic(tb, nb, np.asarray(critic(tree, tb, nb), np.float64))
+    return len(tb)
 
 
 def load_scorer(spec: str) -> Callable:
@@ -435,8 +451,9 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
                               verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
     scorer = make_scorer_fn(load_scorer(cfg.scorer), prompts, name=f"--scorer {cfg.scorer}") if cfg.scorer else None
+    critic = scorer or judge  # --leaf-eval mix's
     evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge, "scorer": scorer,
-                   "mix": with_critic(rollouts, scorer or judge)}[cfg.leaf_eval]
+                   "mix": with_critic(rollouts, critic)}[cfg.leaf_eval]
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
                                temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
                                continuations=continuations, max_new_tokens=cfg.max_new_tokens,
@@ -447,14 +464,17 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
              max_depth=cfg.max_depth, commit_every=cfg.commit_every, progress=progress)
         if parked is not None:
             parked.drain(tree)
-        return tree
-    if evaluate_fn is None:
+    elif evaluate_fn is None:
         raise ValueError("tree-of-thoughts search needs a leaf evaluation; --leaf-eval outcome is for mcts")
-    if cfg.search == "tot-bfs":
-        return tot_bfs(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, beam_width=cfg.beam_width,
-                       max_depth=cfg.max_depth, progress=progress)
-    return tot_dfs(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, max_expansions=cfg.simulations,
-                   prune_below=cfg.prune_below, max_depth=cfg.max_depth, progress=progress)
+    elif cfg.search == "tot-bfs":
+        tot_bfs(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, beam_width=cfg.beam_width,
+                max_depth=cfg.max_depth, progress=progress)
+    else:
+        tot_dfs(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, max_expansions=cfg.simulations,
+                prune_below=cfg.prune_below, max_depth=cfg.max_depth, progress=progress)
+    if cfg.leaf_eval == "mix":  # terminal steps, valued by their reward, get their critic scores too
+        score_unscored(tree, critic)
+    return tree
 
 
 def rollout_trajectories(tree: Tree, record: list, *, prompts: Sequence[str], task_ids: Sequence[str],

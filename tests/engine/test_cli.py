@@ -77,13 +77,33 @@ def test_train_with_a_scorer_module_as_agent_q_critic_and_step_commits(tmp_path,
     assert pairs
     for rec in pairs:  # ranked by 0.25 * Q + 0.75 * critic, the gap taken on those values
         for side in ("chosen", "rejected"):
-            critic = min(len(rec["prefix"] + rec[side]), 30) / 30
-            terminal = rec[side].startswith("####")  # the answer line: valued by its outcome, no critic
-            expected = rec[f"{side}_q"] if terminal else 0.25 * rec[f"{side}_q"] + 0.75 * critic
-            assert rec[f"{side}_score"] == pytest.approx(expected)
+            critic = min(len(rec["prefix"] + rec[side]), 30) / 30  # terminal steps (answer lines) scored too
+            assert rec[f"{side}_score"] == pytest.approx(0.25 * rec[f"{side}_q"] + 0.75 * critic)
         assert rec["chosen_score"] >= rec["rejected_score"] + 0.05 - 1e-9
     lists = [json.loads(line) for line in (it / "lists.jsonl").read_text().splitlines()]
     assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in lists)
+
+
+def test_relative_paths_are_saved_absolute_so_a_run_resumes_from_anywhere(tmp_path, trained_model_dir):
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "prm.py").write_text("def score(prompts, partials):\n    return [0.5 for p in partials]\n")
+    model = os.path.relpath(trained_model_dir, start)
+    out = run_cli("train", "--env", "math", "--model", model, "--runs-dir", str(tmp_path / "runs"), "--name", "rel",
+                  "--leaf-eval", "mix", "--scorer", "prm.py:score", *SMOKE, cwd=start)
+    assert out.returncode == 0, out.stdout + out.stderr
+    saved = json.loads((tmp_path / "runs" / "rel" / "config.json").read_text())
+    assert saved["model"] == str(Path(trained_model_dir).resolve())
+    assert saved["scorer"] == f"{(start / 'prm.py').resolve()}:score"
+    # the same relative flags from the same directory are no change; from elsewhere the run goes on as saved
+    again = run_cli("train", "--resume", str(tmp_path / "runs" / "rel"), "--model", model, "--scorer", "prm.py:score",
+                    cwd=start)
+    assert again.returncode == 0 and "resuming" in again.stdout, again.stdout + again.stderr
+    more = run_cli("train", "--resume", str(tmp_path / "runs" / "rel"), "--allow-config-change", "--iterations", "2",
+                   cwd=elsewhere)
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert (tmp_path / "runs" / "rel" / "iter_002" / "trees.json").exists()
 
 
 def test_help_documents_trainer_flags():

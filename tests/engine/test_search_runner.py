@@ -47,11 +47,11 @@ def test_each_algorithm_builds_consistent_trees(policy, search, leaf_eval):
         assert len(kids) == len(set(kids))  # identical siblings merged
         q = tree.value_sum[b, :n] / np.maximum(tree.visits[b, :n], 1)
         assert ((q >= -1e-9) & (q <= 1 + 1e-9)).all()
-    if leaf_eval == "mix":  # the policy's self-evaluation scored every open node as the critic
-        open_nodes = [(b, i) for b in range(tree.batch_size) for i in range(1, tree.node_count[b])
-                      if not tree.terminal[b, i]]
-        critic = np.array([tree.critic[b, i] for b, i in open_nodes])
-        assert open_nodes and ((critic > 0) & (critic < 1)).all()
+    if leaf_eval == "mix":  # the policy's self-evaluation scored every step as the critic, terminal ones too
+        steps = [(b, i) for b in range(tree.batch_size) for i in range(1, tree.node_count[b])]
+        critic = np.array([tree.critic[b, i] for b, i in steps])
+        assert steps and ((critic > 0) & (critic < 1)).all()
+        assert np.isnan(tree.critic[:, 0]).all()  # the roots are no step
     if commit:  # one search root per simulation, each below the last: the expanded nodes form one path
         for b in range(tree.batch_size):
             expanded = [i for i in range(tree.node_count[b]) if tree.num_children[b, i]]
@@ -183,8 +183,8 @@ def test_external_scorer_values_leaves_or_scores_them_as_critic(policy, tmp_path
     (tmp_path / "prm.py").write_text(PRM)
     cfg = dataclasses.replace(TrainConfig(), leaf_eval=leaf_eval, scorer=f"{tmp_path / 'prm.py'}:score",
                               simulations=3, num_candidates=3, max_new_tokens=40, step_max_tokens=16, max_depth=6)
-    torch.manual_seed(0)
-    tree = run_search(policy, MathEnv(max_steps=6), TASKS, cfg)
+    torch.manual_seed(0)  # (two steps at most: the second ends every episode, so the trees have terminal steps)
+    tree = run_search(policy, MathEnv(max_steps=2), TASKS, cfg)
     fresh = scored = 0
     for b in range(tree.batch_size):
         for i in range(1, tree.node_count[b]):
@@ -193,11 +193,11 @@ def test_external_scorer_values_leaves_or_scores_them_as_critic(policy, tmp_path
             if leaf_eval == "scorer" and leaf and tree.visits[b, i] == 1:
                 assert tree.q(b, i) == pytest.approx(_prm(prefix))  # valued once, by the scorer
                 fresh += 1
-            if leaf_eval == "mix" and not tree.terminal[b, i]:
-                assert tree.critic[b, i] == pytest.approx(_prm(prefix))  # every open node scored by the critic
+            if leaf_eval == "mix":
+                assert tree.critic[b, i] == pytest.approx(_prm(prefix))  # every step scored by the critic
                 q = tree.q(b, i)
                 assert q == pytest.approx(round(q * tree.visits[b, i]) / max(tree.visits[b, i], 1))  # rollout rewards
-                scored += 1
+                scored += int(tree.terminal[b, i])
     assert (fresh if leaf_eval == "scorer" else scored) > 0
     assert np.isnan(tree.critic).all() == (leaf_eval == "scorer")
     prompts, ids = [t["prompt"] for t in TASKS], [t["task_id"] for t in TASKS]
