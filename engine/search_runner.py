@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import UsageError
-from search import Candidate, Tree, back_up, mcts, sample_trajectories, tot_bfs, tot_dfs
+from search import Candidate, Tree, back_up, mcts, sample_trajectories, step_returns, tot_bfs, tot_dfs
 
 __all__ = [
     "make_expand_fn",
@@ -61,14 +61,16 @@ def walk_lines(env, state, continuation: str) -> list[Candidate]:
 
 
 def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
-    """Step ``env`` from ``state`` through the lines of ``continuation``. Returns the final reward
-    (0 when the text ends before the episode does) and the steps taken, each ending in a newline
-    (no state or :class:`search.Candidate` per step: a rollout needs only its outcome)."""
+    """Step ``env`` from ``state`` through the lines of ``continuation``. Returns the rollout's
+    return, the sum of its steps' rewards (for the math environment, the final reward: 1 for a
+    correct answer; 0 when the text ends before the episode does), and the steps taken, each
+    ending in a newline (no state or :class:`search.Candidate` per step: a rollout needs only its
+    outcome)."""
     steps: list[str] = []
     outcome = 0.0
-    for text, reward, ended in _steps(env, state, continuation):
+    for text, reward, _ in _steps(env, state, continuation):
         steps.append(text)
-        outcome = reward if ended else 0.0
+        outcome += reward
     return outcome, steps
 
 
@@ -444,7 +446,8 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
             and prefix_cache is not None):
         parked = ParkedRollouts(policy, env, rows=cfg.park_rows, temperature=cfg.temperature, record=rollout_record,
                                 prefix_kw=_prefix_kw(prefix_cache),
-                                back_up_fn=lambda b, n, v: back_up(tree, b, n, v, mode=cfg.backup))
+                                back_up_fn=lambda b, n, v: back_up(tree, b, n, step_returns(tree, b, n, v),
+                                                                   mode=cfg.backup))
     rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens, record=rollout_record,
                                         continuations=continuations, prefix_cache=prefix_cache, parked=parked)

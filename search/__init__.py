@@ -24,7 +24,7 @@ from search.kernels import (
     synthetic_search,
     visit_policy,
 )
-from search.mcts import back_up, expand_nodes, mcts, mcts_streamed, merge_candidates
+from search.mcts import back_up, expand_nodes, mcts, mcts_streamed, merge_candidates, step_returns
 from search.tot import SampleFn, sample_trajectories, tot_bfs, tot_dfs
 from search.tree import NO_PARENT, ROOT_INDEX, Tree
 from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn, StartFn, WaitFn
@@ -63,6 +63,7 @@ __all__ = [
     "mcts_streamed",
     "merge_candidates",
     "puct_select",
+    "step_returns",
     "to_networkx",
     "tree_from_dict",
     "trees_from_dicts",

@@ -238,30 +238,37 @@ def select_leaves(parent, first_child, num_children, visits, value_sum, prior, n
 
 
 @njit(cache=True)
-def backup(parent, visits, value_sum, tree_index, node_index, values):
-    """Add ``values[j]`` to node ``node_index[j]`` of tree ``tree_index[j]`` and to each of its
-    ancestors, incrementing their visit counts (running-mean backup, Q = W / N)."""
+def backup(parent, visits, value_sum, reward, tree_index, node_index, values, gamma):
+    """Back ``values[j]``, the return of step ``node_index[j]`` of tree ``tree_index[j]`` (its own
+    reward and what follows it), up to the root: each node on the way adds the return from its own
+    step on, ``G(parent) = reward[parent] + gamma * G(child)``, to its value sum and counts one more
+    visit (running-mean backup, Q = W / N, as mctx's). With no reward but at the end and
+    ``gamma = 1`` every node adds ``values[j]`` itself."""
     for j in range(tree_index.shape[0]):
         b = tree_index[j]
         node = node_index[j]
         v = values[j]
-        while node >= 0:
+        while True:
             visits[b, node] += 1
             value_sum[b, node] += v
             node = parent[b, node]
+            if node < 0:
+                break
+            v = reward[b, node] + gamma * v
 
 
 @njit(cache=True)
-def backup_max(parent, visits, value_sum, tree_index, node_index, values):
+def backup_max(parent, visits, value_sum, reward, tree_index, node_index, values, gamma):
     """Max backup (llm-reasoners' ``calc_q=np.max``): node ``node_index[j]`` of tree ``tree_index[j]``
-    and each of its ancestors keep the largest value backed up through them, ``values[j]``
-    included, and their visit counts grow by one. Stored as ``W = Q * N`` so that ``Q = W / N``
-    reads the same as for :func:`backup` (the visits must be real ones: no virtual loss pending)."""
+    and each of its ancestors keep the largest return backed up through them (returns as in
+    :func:`backup`, ``values[j]`` the step's own), and their visit counts grow by one. Stored as
+    ``W = Q * N`` so that ``Q = W / N`` reads the same as for :func:`backup` (the visits must be
+    real ones: no virtual loss pending)."""
     for j in range(tree_index.shape[0]):
         b = tree_index[j]
         node = node_index[j]
         v = values[j]
-        while node >= 0:
+        while True:
             n = visits[b, node]
             q = value_sum[b, node] / n if n > 0 else v
             if v > q:
@@ -269,13 +276,17 @@ def backup_max(parent, visits, value_sum, tree_index, node_index, values):
             visits[b, node] = n + 1
             value_sum[b, node] = q * (n + 1)
             node = parent[b, node]
+            if node < 0:
+                break
+            v = reward[b, node] + gamma * v
 
 
 @njit(cache=True)
 def backup_visit_weighted(parent, first_child, num_children, visits, value_sum, reward, tree_index,
                           node_index, values, gamma):
-    """MCTS-DPO's backup (Xie et al., 2024, eqs. 3–4): the new node gets value ``v``; every
-    ancestor's value becomes ``r + gamma * sum_c N(c) Q(c) / sum_c N(c)`` over its children (the
+    """MCTS-DPO's backup (Xie et al., 2024, eqs. 3–4): node ``node_index[j]`` adds ``values[j]``, the
+    return of its step (its own reward and what follows it, ``r + gamma * V``); every ancestor's
+    value becomes ``r + gamma * sum_c N(c) Q(c) / sum_c N(c)`` over its children (the
     visit-weighted mean), and its visit count grows by one. Stored as ``W = Q * N`` so that
     ``Q = W / N`` reads the same as for :func:`backup`."""
     for j in range(tree_index.shape[0]):

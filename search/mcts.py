@@ -6,6 +6,12 @@ Iterative Preference Learning", Sec. 2.1): each round selects leaves by PUCT (eq
 the length-normalised log-probability), values every new child (terminal children by their reward,
 open ones by ``evaluate_fn``) and backs the values up, as running means or in MCTS-DPO's
 visit-weighted form (eqs. 3–4).
+
+A node's Q is the return of its step: the reward the environment gave for it plus ``gamma`` times
+the value of what follows (``evaluate_fn``'s estimate for a new open node, nothing for a terminal
+one), and each ancestor adds its own reward on the way up (``G = r + gamma * G_child``, as mctx
+does). With a reward only at the end and ``gamma = 1`` (the math environment), every node's Q is
+the mean outcome below it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from search.kernels import PUCT, UCT, backup, backup_max, backup_visit_weighted,
 from search.tree import Tree
 from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn, StartFn, WaitFn
 
-__all__ = ["expand_nodes", "merge_candidates", "mcts", "mcts_streamed", "back_up"]
+__all__ = ["expand_nodes", "merge_candidates", "mcts", "mcts_streamed", "back_up", "step_returns"]
 
 
 def merge_candidates(candidates: list[Candidate]) -> tuple[list[Candidate], np.ndarray]:
@@ -49,14 +55,22 @@ def _grow(tree: Tree, b: int, node: int, cands: list[Candidate]) -> tuple[list[C
     return kept, idx
 
 
+def step_returns(tree: Tree, trees: list[int], nodes: list[int], values, gamma: float = 1.0) -> list[float]:
+    """The returns of steps ``(trees[i], nodes[i])`` given ``values[i]``, the value of what follows
+    each (an ``evaluate_fn`` estimate, a rollout's return): ``reward + gamma * value``, what
+    :func:`back_up` takes (NaN, a value still to come, stays NaN)."""
+    return [float(tree.reward[b, n]) + gamma * float(v) for b, n, v in zip(trees, nodes, values)]
+
+
 def expand_nodes(
     tree: Tree, tree_index: np.ndarray, node_index: np.ndarray, *, expand_fn: ExpandFn,
-    evaluate_fn: EvaluateFn | None,
+    evaluate_fn: EvaluateFn | None, gamma: float = 1.0,
 ) -> tuple[list[int], list[int], list[float]]:
     """Expand the given nodes with one batched ``expand_fn`` call and value their new children
-    with one batched ``evaluate_fn`` call. Returns ``(trees, nodes, values)`` to back up: every new
-    child (terminal ones valued by their reward; open ones by ``evaluate_fn``, or left out when it is
-    None) and every node the policy could not extend (marked terminal, value 0)."""
+    with one batched ``evaluate_fn`` call. Returns ``(trees, nodes, returns)`` to back up: every new
+    child (terminal ones by their reward; open ones by their reward plus ``gamma`` times
+    ``evaluate_fn``'s value, or left out when it is None) and every node the policy could not
+    extend (marked terminal, its own reward: nothing follows it)."""
     back_b: list[int] = []
     back_n: list[int] = []
     back_v: list[float] = []
@@ -68,10 +82,10 @@ def expand_nodes(
     open_b, open_n = [], []
     for b, node, cands in zip(tree_index.tolist(), node_index.tolist(), proposals):
         kept, idx = _grow(tree, b, node, cands)
-        if not kept:  # the policy produced nothing usable: a dead end worth 0
+        if not kept:  # the policy produced nothing usable: a dead end, nothing after its own step
             back_b.append(b)
             back_n.append(node)
-            back_v.append(0.0)
+            back_v.append(float(tree.reward[b, node]))
             continue
         for c, i in zip(kept, idx):
             if c.terminal:
@@ -88,14 +102,16 @@ def expand_nodes(
             raise ValueError(f"evaluate_fn returned shape {est.shape}, expected ({len(open_b)},)")
         back_b += open_b
         back_n += open_n
-        back_v += est.tolist()
+        back_v += step_returns(tree, open_b, open_n, est, gamma)
     return back_b, back_n, back_v
 
 
 def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float], *,
             mode: Literal["mean", "visit-weighted", "max"] = "mean", gamma: float = 1.0) -> None:
-    """Back values up from the given nodes to their roots (one kernel call for all of them). A NaN
-    value is one still pending (an evaluation that backs it up itself later): it is skipped."""
+    """Back the returns of the given nodes' steps (see :func:`step_returns`) up to their roots, each
+    ancestor adding its own reward (``G = r + gamma * G_child``), in one kernel call for all of
+    them. A NaN value is one still pending (an evaluation that backs it up itself later): it is
+    skipped."""
     if not trees:
         return
     tb = np.asarray(trees, np.int32)
@@ -105,12 +121,12 @@ def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float],
     if not known.all():
         tb, nb, vb = tb[known], nb[known], vb[known]
     if mode == "mean":
-        backup(tree.parent, tree.visits, tree.value_sum, tb, nb, vb)
+        backup(tree.parent, tree.visits, tree.value_sum, tree.reward, tb, nb, vb, float(gamma))
     elif mode == "visit-weighted":
         backup_visit_weighted(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
                               tree.reward, tb, nb, vb, float(gamma))
     elif mode == "max":
-        backup_max(tree.parent, tree.visits, tree.value_sum, tb, nb, vb)
+        backup_max(tree.parent, tree.visits, tree.value_sum, tree.reward, tb, nb, vb, float(gamma))
     else:
         raise ValueError(f"backup mode must be 'mean', 'visit-weighted' or 'max', got {mode!r}")
 
@@ -148,7 +164,8 @@ def mcts(
     trees. ``evaluate_fn=None`` values only terminal nodes (outcome only). A selected leaf that is
     terminal, or at ``max_depth``, is not expanded: its own value (reward for terminal nodes, else
     its current Q) is backed up again, as a repeat visit does in AlphaZero (nothing for a node whose
-    value ``evaluate_fn`` left pending, as NaN).
+    value ``evaluate_fn`` left pending, as NaN). ``gamma`` discounts what follows each step in the
+    returns backed up (see the module docstring).
 
     ``commit_every=k > 0`` searches step by step, as MCTS-DPO does (Xie et al., 2024, Sec. 2.1):
     after every ``k`` rounds each tree commits to the most visited child of its current search
@@ -189,7 +206,7 @@ def mcts(
             else:
                 back_v.append(tree.q(b, node))
         eb, en, ev = expand_nodes(tree, tb[expandable], nb[expandable], expand_fn=expand_fn,
-                                  evaluate_fn=evaluate_fn)
+                                  evaluate_fn=evaluate_fn, gamma=gamma)
         pending.update((b, n) for b, n, v in zip(eb, en, ev) if v != v)  # NaN: valued later, by the caller
         back_up(tree, back_b + eb, back_n + en, back_v + ev, mode=backup_mode, gamma=gamma)
         if commit_every and (sim + 1) % commit_every == 0:
@@ -242,7 +259,8 @@ def mcts_streamed(
     Each tree selects a leaf and hands it to ``start_fn(tree, b, node)``, which starts its expansion
     (and the evaluation of the children it makes) and returns at once; ``wait_fn(tree)`` blocks
     until at least one started expansion has come back and returns those, as ``(b, node,
-    candidates, values)``: ``values[i]`` is the value of ``candidates[i]`` when it is open (NaN:
+    candidates, values)``: ``values[i]`` is the value of ``candidates[i]`` when it is open (of what
+    follows its step, as ``evaluate_fn``'s; NaN:
     none, it is not backed up, as with ``evaluate_fn=None`` in :func:`mcts`). The tree adds the
     children (identical texts merged, the first one's value kept), backs their values up, and
     selects its next leaf at once. With ``in_flight=1`` a tree's simulations, and what it selects,
@@ -320,10 +338,10 @@ def mcts_streamed(
             for i, c in enumerate(cands):
                 first.setdefault(c.text, i)
             kept, idx = _grow(tree, b, node, cands)
-            if not kept:  # the policy produced nothing usable: a dead end worth 0
-                real_back_up(b, [node], [0.0])
+            if not kept:  # the policy produced nothing usable: a dead end, nothing after its own step
+                real_back_up(b, [node], [float(tree.reward[b, node])])
             else:
-                vals = [float(c.reward) if c.terminal else float(values[first[c.text]]) for c in kept]
+                vals = [float(c.reward) + (0.0 if c.terminal else gamma * float(values[first[c.text]])) for c in kept]
                 real_back_up(b, [int(i) for i in idx], vals)
             finished(b)
             running += advance(b)

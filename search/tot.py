@@ -115,7 +115,8 @@ def sample_trajectories(
     progress: ProgressFn | None = None,
 ) -> Tree:
     """``num_samples`` whole trajectories from every root, merged into the tree as a trie; each
-    trajectory's final reward is backed up from its last node (visits count trajectories)."""
+    trajectory's return is backed up from its last node (its last step's reward there, each step's
+    own added on the way up; visits count trajectories)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     roots = np.zeros(tree.batch_size, np.int32)
@@ -143,7 +144,7 @@ def sample_trajectories(
                                     [e[0].state for e in entries])
             for i, e in zip(idx, entries):
                 pending.append((i, e[1]))
-        # each trajectory's value is its last step's reward, backed up from its last node
+        # each trajectory's return, backed up from its last node (which adds the earlier steps' rewards)
         for traj in trajectories:
             node = 0
             for step in traj:

@@ -37,7 +37,8 @@ children of each node (one batched policy call for all M nodes)."""
 
 EvaluateFn = Callable[[Tree, np.ndarray, np.ndarray], np.ndarray]
 """``evaluate_fn(tree, tree_index [M], node_index [M]) -> values [M]`` in [0, 1]: estimate the
-value of open (non-terminal) nodes, for example by policy rollouts."""
+value of open (non-terminal) nodes, for example by policy rollouts: the return of what follows each
+node's step (the search adds the step's own reward, see :mod:`search.mcts`)."""
 
 StartFn = Callable[[Tree, int, int], None]
 """``start_fn(tree, b, node)``: start expanding ``node`` of tree ``b`` and return at once (see

@@ -66,42 +66,57 @@ def test_select_matches_reference(seed, c_puct, large):
     assert out.tolist() == [reference_select(tree, b, c_puct) for b in range(tree.batch_size)]
 
 
+def discounted_returns(tree, b, n, v, gamma):
+    """(node, return) from node ``n`` up to the root, ``v`` the return of ``n``'s step: the node
+    ``k`` steps above ``n`` gets the rewards of the steps from its own down, each discounted by its
+    distance from it, plus ``v`` discounted by ``k`` (sum_i gamma^(k-i) r(p_i) + gamma^k v)."""
+    path = []
+    while n >= 0:
+        path.append(int(n))
+        n = tree.parent[b, n]
+    return [(node, sum(tree.reward[b, path[i]] * gamma ** (k - i) for i in range(1, k + 1)) + v * gamma**k)
+            for k, node in enumerate(path)]
+
+
 @pytest.mark.parametrize("seed", range(5))
-def test_backup_matches_reference(seed):
+@pytest.mark.parametrize("gamma", [1.0, 0.8])
+def test_backup_matches_reference(seed, gamma):
     rng = np.random.default_rng(seed)
     tree = random_tree(rng)
+    tree.reward[:] = np.where(rng.random(tree.reward.shape) < 0.5, rng.random(tree.reward.shape), 0.0)
     visits, value_sum = tree.visits.copy(), tree.value_sum.copy()
     tb = rng.integers(0, tree.batch_size, 40).astype(np.int32)
     nb = np.array([rng.integers(0, tree.node_count[b]) for b in tb], np.int32)
     vals = rng.random(40)
-    backup(tree.parent, tree.visits, tree.value_sum, tb, nb, vals)
+    backup(tree.parent, tree.visits, tree.value_sum, tree.reward, tb, nb, vals, gamma)
     for b, n, v in zip(tb, nb, vals):
-        while n >= 0:
-            visits[b, n] += 1
-            value_sum[b, n] += v
-            n = tree.parent[b, n]
+        for node, ret in discounted_returns(tree, b, n, v, gamma):
+            visits[b, node] += 1
+            value_sum[b, node] += ret
     np.testing.assert_array_equal(tree.visits, visits)
     np.testing.assert_allclose(tree.value_sum, value_sum)
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_max_backup_matches_reference(seed):
+@pytest.mark.parametrize("gamma", [1.0, 0.8])
+def test_max_backup_matches_reference(seed, gamma):
     rng = np.random.default_rng(seed)
     tree = random_tree(rng)
-    best = {}  # (tree, node) -> the largest value backed up through it, as a plain maximum
+    tree.reward[:] = np.where(rng.random(tree.reward.shape) < 0.5, rng.random(tree.reward.shape), 0.0)
+    best = {}  # (tree, node) -> the largest return backed up through it, as a plain maximum
     for b in range(tree.batch_size):
         tree.visits[b], tree.value_sum[b] = 0, 0.0
     tb = rng.integers(0, tree.batch_size, 60).astype(np.int32)
     nb = np.array([rng.integers(0, tree.node_count[b]) for b in tb], np.int32)
     vals = rng.random(60) * 2 - 1
     for j in range(0, 60, 20):  # three kernel calls, each over a batch of backups
-        backup_max(tree.parent, tree.visits, tree.value_sum, tb[j : j + 20], nb[j : j + 20], vals[j : j + 20])
+        backup_max(tree.parent, tree.visits, tree.value_sum, tree.reward, tb[j : j + 20], nb[j : j + 20],
+                   vals[j : j + 20], gamma)
     counts = {}
     for b, n, v in zip(tb.tolist(), nb.tolist(), vals.tolist()):
-        while n >= 0:
-            best[b, n] = max(best.get((b, n), -np.inf), v)
-            counts[b, n] = counts.get((b, n), 0) + 1
-            n = int(tree.parent[b, n])
+        for node, ret in discounted_returns(tree, b, n, v, gamma):
+            best[b, node] = max(best.get((b, node), -np.inf), ret)
+            counts[b, node] = counts.get((b, node), 0) + 1
     for (b, n), v in best.items():
         assert tree.visits[b, n] == counts[b, n] and tree.q(b, n) == pytest.approx(v)
     assert int(tree.visits.sum()) == sum(counts.values())
@@ -282,7 +297,7 @@ def test_synthetic_search_equals_python_reference(capacity):
         for t in range(b):
             if ref.depth[t, leaf[t]] < 6:
                 ref.add_children(t, int(leaf[t]), ["x"] * k, priors[t, i], np.zeros(k), np.zeros(k, bool))
-        backup(ref.parent, ref.visits, ref.value_sum, np.arange(b, dtype=np.int32), leaf, values[:, i])
+        backup(ref.parent, ref.visits, ref.value_sum, ref.reward, np.arange(b, dtype=np.int32), leaf, values[:, i], 1.0)
     np.testing.assert_array_equal(tree.visits, ref.visits)
     np.testing.assert_allclose(tree.value_sum, ref.value_sum)
     assert tree.depth.max() == 6

@@ -169,3 +169,45 @@ def test_search_imports_without_torch():
     code = "import sys, search; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("mode", ["mean", "visit-weighted", "max"])
+def test_step_rewards_and_discount_make_each_q_the_return_of_its_step(mode):
+    """With a reward on every step and gamma < 1, a node's Q is the return from its step on: its
+    own reward plus gamma times what follows. A new open leaf holds r + gamma * v (v: evaluate_fn's
+    value of what follows), a terminal one r; an ancestor adds its reward to each return coming up
+    (mean: W(n) = own returns + sum_c (N(c) r(n) + gamma W(c))); visit-weighted,
+    Q(n) = r(n) + gamma * (visit-weighted mean of its children's Q); max, at least
+    r(n) + gamma * Q of its best child."""
+    gamma, v = 0.8, 0.5
+
+    def expand_fn(t, tb, nb):  # two steps a node, rewards 0.1 and 0.3; depth 4 ends the episode with 1 or 0
+        out = []
+        for b, n in zip(tb, nb):
+            d = int(t.depth[b, n]) + 1
+            out.append([Candidate(f"{d}{s}\n", -1.0 - j, 2, reward=(1.0 - j) if d == 4 else r, terminal=d == 4)
+                        for j, (s, r) in enumerate((("a", 0.1), ("b", 0.3)))])
+        return out
+
+    tree = mcts(Tree(1, capacity=4), expand_fn=expand_fn, evaluate_fn=lambda t, tb, nb: np.full(len(tb), v),
+                num_simulations=10, backup_mode=mode, gamma=gamma, c_puct=2.0)
+    checked = {"leaf": 0, "terminal": 0, "inner": 0}
+    for i in range(tree.node_count[0]):
+        kids = [c for c in tree.children(0, i) if tree.visits[0, c]]
+        r, q = tree.reward[0, i], tree.q(0, i)
+        if not tree.num_children[0, i] and tree.visits[0, i] == 1:
+            kind = "terminal" if tree.terminal[0, i] else "leaf"
+            assert q == pytest.approx(r if tree.terminal[0, i] else r + gamma * v)
+            checked[kind] += 1
+        elif kids and i:
+            own = (r + gamma * v) if mode != "max" else None  # valued once when it was made, then through its children
+            if mode == "mean":
+                expected_w = own + sum(tree.visits[0, c] * r + gamma * tree.value_sum[0, c] for c in kids)
+                assert tree.value_sum[0, i] == pytest.approx(expected_w)
+            elif mode == "visit-weighted":
+                n = sum(int(tree.visits[0, c]) for c in kids)
+                assert q == pytest.approx(r + gamma * sum(tree.value_sum[0, c] for c in kids) / n)
+            else:
+                assert q >= r + gamma * max(tree.q(0, c) for c in kids) - 1e-12
+            checked["inner"] += 1
+    assert min(checked.values()) > 0, checked
