@@ -30,7 +30,8 @@ class Tree:
         first_child: index of the first child, -1 while unexpanded.
         num_children: number of children (0 for leaves).
         visits: visit count N.
-        value_sum: sum of backed-up values W (Q = W / N); 0 while the node is unvisited.
+        value_sum: sum of backed-up values W (Q = W / N: the return of the step leading to the node,
+            its reward and what follows; see :mod:`search.mcts`); 0 while the node is unvisited.
         prior: prior probability of the step leading to the node (P in PUCT).
         reward: reward the environment gave for the step leading to the node.
         terminal: True when the step ended the episode; a terminal node never has children.
