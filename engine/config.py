@@ -187,11 +187,12 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     given."""
 
     def absolute(path: str | None) -> str | None:
-        if path is None or not Path(path).expanduser().exists():
+        if not path or not Path(path).expanduser().exists():
             return path
         return str(Path(path).expanduser().resolve())
 
-    changes = {"model": absolute(cfg.model), "task_file": absolute(cfg.task_file)}
+    changes = {"model": absolute(cfg.model),
+               "task_file": cfg.task_file if cfg.task_file == "humaneval" else absolute(cfg.task_file)}
     if cfg.scorer:
         where, sep, name = cfg.scorer.rpartition(":")
         if sep and where.endswith(".py"):

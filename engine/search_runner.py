@@ -307,8 +307,9 @@ def with_critic(evaluate_fn, critic):
 def score_unscored(tree: Tree, critic) -> int:
     """Critic scores, in one batched ``critic`` call (an ``evaluate_fn``), for every node but the
     roots that has none: the steps a search valued without its ``evaluate_fn`` (terminal ones, by
-    their reward; dead ends), so that every sibling ranks by the same mix of Q and critic at
-    extraction (Agent Q's critic scores every proposed action). Returns the number scored."""
+    their reward; every step of a sampling search), so that every sibling ranks by the same mix of
+    Q and critic at extraction (Agent Q's critic scores every proposed action). Returns the number
+    scored."""
     width = int(tree.node_count.max())
     made = np.arange(width)[None, :] < tree.node_count[:, None]
     tb, nb = np.nonzero(made & np.isnan(tree.critic[:, :width]) & (tree.parent[:, :width] >= 0))
@@ -424,6 +425,14 @@ def run_search(policy, env, tasks: Sequence[dict], cfg, progress: Callable[[int,
         return _run_search(policy, env, tasks, cfg, progress, rollout_record)
 
 
+def _critic(policy, prompts, cfg, scorer=None, judge=None):
+    """--leaf-eval mix's critic: the --scorer if given, else the policy's self-evaluation."""
+    if cfg.scorer:
+        return scorer or make_scorer_fn(load_scorer(cfg.scorer), prompts, name=f"--scorer {cfg.scorer}")
+    return judge or make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
+                                      verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
+
+
 def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     roots = []
     for task in tasks:
@@ -433,9 +442,12 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     tree = Tree(len(tasks), capacity=1 + cfg.simulations * cfg.num_candidates, root_states=roots)
     tree.meta = [{"task_id": t["task_id"], "prompt": t["prompt"]} for t in tasks]
     if cfg.search == "sample":
-        return sample_trajectories(tree, sample_fn=make_sample_fn(policy, env, prompts, temperature=cfg.temperature,
-                                                                  max_new_tokens=cfg.max_new_tokens),
-                                   num_samples=cfg.simulations, progress=progress)
+        sample_trajectories(tree, sample_fn=make_sample_fn(policy, env, prompts, temperature=cfg.temperature,
+                                                           max_new_tokens=cfg.max_new_tokens),
+                            num_samples=cfg.simulations, progress=progress)
+        if cfg.leaf_eval == "mix":  # the sampled steps ranked as Agent Q ranks siblings
+            score_unscored(tree, _critic(policy, prompts, cfg))
+        return tree
     # rollouts continue the samples that proposed the steps (see make_expand_fn)
     continuations = {} if cfg.leaf_eval in ("rollout", "mix") else None
     prefix_cache = None  # one per search: its entries hold for the current weights only
@@ -454,7 +466,7 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
                               verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
     scorer = make_scorer_fn(load_scorer(cfg.scorer), prompts, name=f"--scorer {cfg.scorer}") if cfg.scorer else None
-    critic = scorer or judge  # --leaf-eval mix's
+    critic = _critic(policy, prompts, cfg, scorer, judge)
     evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge, "scorer": scorer,
                    "mix": with_critic(rollouts, critic)}[cfg.leaf_eval]
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
@@ -483,10 +495,13 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
 def rollout_trajectories(tree: Tree, record: list, *, prompts: Sequence[str], task_ids: Sequence[str],
                          iteration: int) -> list[dict]:
     """Recorded rollouts as trajectory records (the tree path to the node, then the rollout's
-    steps), ``"source": "rollout"``."""
+    steps), ``"source": "rollout"``; ``reward`` is the trajectory's return, the rewards of the path's
+    steps and the rollout's (see :func:`search.extract_trajectories`)."""
     out = []
     for b, n, steps, reward in record:
-        out.append({"prompt": prompts[b], "steps": [tree.texts[b][i] for i in tree.path(b, n)] + list(steps),
-                    "reward": float(reward), "correct": reward > 0, "task_id": task_ids[b],
+        path = tree.path(b, n)
+        total = float(tree.reward[b, path].sum()) + float(reward)
+        out.append({"prompt": prompts[b], "steps": [tree.texts[b][i] for i in path] + list(steps),
+                    "reward": total, "correct": total > 0, "task_id": task_ids[b],
                     "iteration": iteration, "source": "rollout"})
     return out

@@ -204,18 +204,21 @@ def extract_trajectories(
     tree: Tree, *, prompts: Sequence[str], task_ids: Sequence[str], iteration: int = 0
 ) -> list[dict]:
     """Every root-to-terminal path in the trees: ``{"prompt", "steps", "reward", "correct",
-    "task_id", "iteration"}`` (``correct`` is ``reward > 0``)."""
+    "task_id", "iteration"}``; ``reward`` is the path's return, the sum of its steps' rewards (the
+    final outcome when only the last step is rewarded, as in the math environment), and
+    ``correct`` is ``reward > 0``."""
     out = []
     for b in range(tree.batch_size):
         for node in np.flatnonzero(tree.terminal[b, : tree.node_count[b]]):
             node = int(node)
             if node == 0:
                 continue
-            reward = float(tree.reward[b, node])
+            path = tree.path(b, node)
+            reward = float(tree.reward[b, path].sum())
             out.append(
                 {
                     "prompt": prompts[b],
-                    "steps": [tree.texts[b][i] for i in tree.path(b, node)],
+                    "steps": [tree.texts[b][i] for i in path],
                     "reward": reward,
                     "correct": reward > 0,
                     "task_id": task_ids[b],

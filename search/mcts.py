@@ -10,8 +10,8 @@ visit-weighted form (eqs. 3–4).
 A node's Q is the return of its step: the reward the environment gave for it plus ``gamma`` times
 the value of what follows (``evaluate_fn``'s estimate for a new open node, nothing for a terminal
 one), and each ancestor adds its own reward on the way up (``G = r + gamma * G_child``, as mctx
-does). With a reward only at the end and ``gamma = 1`` (the math environment), every node's Q is
-the mean outcome below it.
+does), in each backup form. With a reward only at the end and ``gamma = 1`` (the math
+environment) the returns are the outcomes, as they were before rewards were added on the way.
 """
 
 from __future__ import annotations
@@ -163,9 +163,9 @@ def mcts(
     them), then makes one batched ``expand_fn`` call and one batched ``evaluate_fn`` call for all
     trees. ``evaluate_fn=None`` values only terminal nodes (outcome only). A selected leaf that is
     terminal, or at ``max_depth``, is not expanded: its own value (reward for terminal nodes, else
-    its current Q) is backed up again, as a repeat visit does in AlphaZero (nothing for a node whose
-    value ``evaluate_fn`` left pending, as NaN). ``gamma`` discounts what follows each step in the
-    returns backed up (see the module docstring).
+    its current Q, or its reward when it has never been valued) is backed up again, as a repeat
+    visit does in AlphaZero (nothing for a node whose value ``evaluate_fn`` left pending, as NaN).
+    ``gamma`` discounts what follows each step in the returns backed up (see the module docstring).
 
     ``commit_every=k > 0`` searches step by step, as MCTS-DPO does (Xie et al., 2024, Sec. 2.1):
     after every ``k`` rounds each tree commits to the most visited child of its current search
@@ -203,8 +203,10 @@ def mcts(
                 back_v.append(tree.reward[b, node])
             elif (b, node) in pending and not tree.visits[b, node]:  # its value has not come yet: skipped
                 back_v.append(float("nan"))
-            else:
+            elif tree.visits[b, node]:
                 back_v.append(tree.q(b, node))
+            else:  # never valued (outcome-only search): its own step's reward, nothing after it
+                back_v.append(float(tree.reward[b, node]))
         eb, en, ev = expand_nodes(tree, tb[expandable], nb[expandable], expand_fn=expand_fn,
                                   evaluate_fn=evaluate_fn, gamma=gamma)
         pending.update((b, n) for b, n, v in zip(eb, en, ev) if v != v)  # NaN: valued later, by the caller
@@ -318,7 +320,8 @@ def mcts_streamed(
                 _virtual(tree, b, node, 1)
                 begun += 1
                 continue
-            value = float(tree.reward[b, node]) if tree.terminal[b, node] else tree.q(b, node)
+            known = tree.terminal[b, node] or not tree.visits[b, node]  # else its Q; a never-valued node its reward
+            value = float(tree.reward[b, node]) if known else tree.q(b, node)
             real_back_up(b, [node], [value])
             finished(b)
         return begun

@@ -106,6 +106,19 @@ def test_relative_paths_are_saved_absolute_so_a_run_resumes_from_anywhere(tmp_pa
     assert (tmp_path / "runs" / "rel" / "iter_002" / "trees.json").exists()
 
 
+def test_absolute_paths_leave_names_that_are_not_files_as_given(tmp_path, monkeypatch):
+    from engine.config import TrainConfig, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "humaneval").mkdir()  # the keyword, not this directory
+    (tmp_path / "prm.py").write_text("")
+    cfg = absolute_paths(TrainConfig(env="code", task_file="humaneval", model="", scorer="prm.py:score"))
+    assert (cfg.task_file, cfg.model, cfg.scorer) == ("humaneval", "", f"{tmp_path.resolve() / 'prm.py'}:score")
+    cfg = absolute_paths(TrainConfig(task_file="missing.jsonl", scorer="prm:score", model="humaneval"))
+    assert (cfg.task_file, cfg.scorer) == ("missing.jsonl", "prm:score")
+    assert cfg.model == str(tmp_path.resolve() / "humaneval")  # a model directory of that name is one
+
+
 def test_help_documents_trainer_flags():
     out = run_cli("train", "--help")
     assert out.returncode == 0

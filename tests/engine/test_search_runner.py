@@ -26,7 +26,7 @@ def policy(trained_model_dir, device):
 @pytest.mark.parametrize(
     ("search", "leaf_eval"),
     [("mcts", "rollout"), ("mcts", "outcome"), ("mcts", "self-eval"), ("mcts", "mix"), ("tot-bfs", "rollout"),
-     ("tot-dfs", "self-eval"), ("sample", "rollout"), ("mcts-commit", "rollout")],
+     ("tot-dfs", "self-eval"), ("sample", "rollout"), ("sample", "mix"), ("mcts-commit", "rollout")],
 )
 def test_each_algorithm_builds_consistent_trees(policy, search, leaf_eval):
     commit = 1 if search == "mcts-commit" else 0  # MCTS-DPO's step-by-step search
@@ -73,6 +73,30 @@ def test_play_out_scores_a_reference_solution():
     assert reward == 1.0 and "".join(steps) == task["solution"]
     env.reset(options={"task": task})
     assert play_out(env, env.get_state(), "1+1=3\n")[0] == 0.0
+
+
+class CountingEnv:
+    """A reward of 0.25 for each line, and 1 more for the line "end", which ends the episode."""
+
+    def set_state(self, state):
+        self.lines = state
+
+    def get_state(self):
+        return self.lines
+
+    def step(self, line):
+        self.lines += 1
+        done = line.strip() == "end"
+        return "", 0.25 + float(done), done, False, {}
+
+
+def test_rollouts_are_valued_and_recorded_by_their_return():
+    value, steps = play_out(CountingEnv(), 0, "a\nb\nend\nafter\n")
+    assert value == 1.75 and steps == ["a\n", "b\n", "end\n"]
+    tree = Tree(1, root_states=[0])
+    (kid,) = tree.add_children(0, 0, ["s\n"], [1.0], [0.25], [False], [1])
+    (rec,) = rollout_trajectories(tree, [(0, int(kid), steps, value)], prompts=["p"], task_ids=["t"], iteration=1)
+    assert rec["steps"] == ["s\n", *steps] and rec["reward"] == 2.0  # the tree path's step rewards, then the rollout's
 
 
 class RecordingPolicy:

@@ -89,6 +89,8 @@ def test_sibling_and_path_lists_exact():
     assert paths[0]["responses"] == ["a\nd\n", "a\ne\n"] and paths[0]["scores"] == [1.0, 0.0]
     trajs = extract_trajectories(tree, prompts=P, task_ids=T)
     assert [(t["steps"], t["correct"]) for t in trajs] == [(["a\n", "d\n"], True), (["a\n", "e\n"], False)]
+    tree.reward[0, 1] = 0.25  # a reward on the first step too: each trajectory's reward is its return
+    assert [t["reward"] for t in extract_trajectories(tree, prompts=P, task_ids=T)] == [1.25, 0.25]
 
 
 def test_agent_q_alpha_mix_ranks_by_q_and_critic():

@@ -171,6 +171,14 @@ def test_search_imports_without_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_never_valued_node_at_the_depth_limit_backs_up_its_own_reward():
+    """Outcome-only values, depth limit 1: the root's children are never valued by an evaluation,
+    and a repeat visit backs up what the return of their step is known to be, their reward."""
+    tree = mcts(Tree(1, capacity=4), expand_fn=lambda t, tb, nb: [[Candidate("x\n", -1.0, 1, reward=0.5)] for _ in tb],
+                evaluate_fn=None, num_simulations=3, max_depth=1)
+    assert tree.visits[0, 1] == 2 and tree.q(0, 1) == pytest.approx(0.5) and tree.q(0, 0) == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("mode", ["mean", "visit-weighted", "max"])
 def test_step_rewards_and_discount_make_each_q_the_return_of_its_step(mode):
     """With a reward on every step and gamma < 1, a node's Q is the return from its step on: its
