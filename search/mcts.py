@@ -220,12 +220,12 @@ def mcts(
     return tree
 
 
-def _commit(tree: Tree, roots: np.ndarray, stopped: np.ndarray, max_depth: int) -> None:
-    """Move each tree's search root to its most visited child, the higher prior first on ties
-    (MCTS-DPO's step commit); a root none of whose children has a visit yet stays (no evidence to
-    commit on: outcome-only values, or values still pending). A tree whose root is terminal or at
-    ``max_depth`` stops."""
-    for b in np.flatnonzero(~stopped).tolist():
+def _commit(tree: Tree, roots: np.ndarray, stopped: np.ndarray, max_depth: int, trees: list[int] | None = None) -> None:
+    """Move each tree's search root (of ``trees``, default all) to its most visited child, the
+    higher prior first on ties (MCTS-DPO's step commit); a root none of whose children has a visit
+    yet stays (no evidence to commit on: outcome-only values, or values still pending). A tree whose
+    root is terminal or at ``max_depth`` stops."""
+    for b in np.flatnonzero(~stopped).tolist() if trees is None else [b for b in trees if not stopped[b]]:
         root = int(roots[b])
         kids = tree.children(b, root)
         if not len(kids):  # a dead end (marked terminal) or the depth limit; else not expanded yet
@@ -252,6 +252,7 @@ def mcts_streamed(
     gamma: float = 1.0,
     max_depth: int = 16,
     in_flight: int = 1,
+    commit_every: int = 0,
     progress: ProgressFn | None = None,
 ) -> Tree:
     """MCTS with every tree searched on its own, expansions started and collected asynchronously:
@@ -272,24 +273,37 @@ def mcts_streamed(
     holding a virtual loss (a visit worth 0) until it comes back, so that the next selection goes
     elsewhere (asynchronous MCTS, as in AlphaGo); a selection that reaches a leaf still being
     expanded waits for it. ``num_simulations`` counts the simulations started per tree either way.
+    ``commit_every=k > 0``: each tree commits a step after every ``k`` of its simulations have
+    finished, as :func:`mcts` does after every ``k`` rounds (the virtual visits of its expansions
+    still going left out of the count), and stops when it has committed to its last step.
     """
     _check(num_simulations, c_puct, rule)
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+    if commit_every < 0:
+        raise ValueError(f"commit_every must be >= 0 (0: no commits), got {commit_every}")
     bsz = tree.batch_size
     done = np.zeros(bsz, np.int64)
     started = np.zeros(bsz, np.int64)
     going: list[set[int]] = [set() for _ in range(bsz)]
     leaf = np.zeros((1, 1), np.int32)
-    root = np.zeros(1, np.int32)
+    roots = np.zeros(bsz, np.int32)  # where each tree's selections start
+    stopped = np.zeros(bsz, np.bool_)  # committed to a step that ends its search
     rule_id = PUCT if rule == "puct" else UCT
     reported = 0
 
     def finished(b: int) -> None:
         nonlocal reported
         done[b] += 1
-        if progress is not None and done.min() > reported:
-            reported = int(done.min())
+        if commit_every and done[b] % commit_every == 0 and not stopped[b]:
+            for other in going[b]:  # real visits decide the commit
+                _virtual(tree, b, other, -1)
+            _commit(tree, roots, stopped, max_depth, [b])
+            for other in going[b]:
+                _virtual(tree, b, other, 1)
+        least = int(np.where(stopped, num_simulations, done).min())
+        if progress is not None and least > reported:
+            reported = least
             progress(reported, num_simulations)
 
     def real_back_up(b: int, nodes: list[int], values: list[float]) -> None:
@@ -306,10 +320,10 @@ def mcts_streamed(
         finishing the simulations that need none on the way; the number started."""
         one = slice(b, b + 1)
         begun = 0
-        while started[b] < num_simulations and len(going[b]) < in_flight:
+        while started[b] < num_simulations and len(going[b]) < in_flight and not stopped[b]:
             select_leaves(tree.parent[one], tree.first_child[one], tree.num_children[one], tree.visits[one],
                           tree.value_sum[one], tree.prior[one], tree.node_count[one], c_puct, rule_id, normalize_q,
-                          1, root, leaf)
+                          1, roots[one], leaf)
             node = int(leaf[0, 0])
             if node in going[b]:
                 break  # its expansion has not come back yet

@@ -70,7 +70,8 @@ class Scrambled:
 
 
 @pytest.mark.parametrize("kw", [{}, {"backup_mode": "visit-weighted"}, {"backup_mode": "max"},
-                                {"rule": "uct", "max_depth": 3}])
+                                {"rule": "uct", "max_depth": 3}, {"commit_every": 2},
+                                {"commit_every": 3, "backup_mode": "visit-weighted", "gamma": 0.9}])
 def test_one_in_flight_equals_round_by_round_mcts(kw):
     batch, sims = 6, 25
     ref = lockstep(batch, sims, **kw)
@@ -154,3 +155,29 @@ def test_bad_driver_and_arguments():
                       num_simulations=2)
     with pytest.raises(ValueError, match="in_flight"):
         mcts_streamed(Tree(1), start_fn=None, wait_fn=None, num_simulations=2, in_flight=0)
+
+
+def test_step_commits_with_several_in_flight():
+    """MCTS-DPO's step commits while several expansions of a tree are going: trees that commit to
+    their last step stop early, and no virtual visit is left behind (each root holds what was
+    backed up through it, plus at most one visit per simulation that expanded nothing)."""
+    batch, sims = 6, 40
+    driver = Scrambled(3)
+    backed = np.zeros(batch, np.int64)
+
+    def wait(t):
+        out = driver.wait(t)
+        for b, _node, cands, _values in out:
+            backed[b] += max(len({c.text for c in cands}), 1)
+        return out
+
+    tree = mcts_streamed(Tree(batch, capacity=8), start_fn=driver.start, wait_fn=wait, num_simulations=sims,
+                         in_flight=3, commit_every=2, max_depth=4)
+    expansions = np.bincount([b for b, _, _ in driver.started], minlength=batch)
+    assert max(k for _, _, k in driver.started) > 1  # commits happened with other expansions going
+    repeats = tree.visits[:, 0] - backed  # simulations that expanded nothing (each backs one visit up)
+    assert (repeats >= 0).all() and (expansions + repeats <= sims).all()
+    assert (expansions + repeats < sims).any()  # stopped early, at an end or at the depth limit
+    for b in range(batch):
+        for i in range(1, tree.node_count[b]):  # real counts only: a parent has its children's visits
+            assert tree.visits[b, tree.parent[b, i]] >= tree.visits[b, i] >= 0
