@@ -162,19 +162,20 @@ def extract_path_lists(
     tree: Tree, *, prompts: Sequence[str], task_ids: Sequence[str], iteration: int = 0,
     max_paths: int = 8, min_size: int = 2,
 ) -> list[dict]:
-    """Per tree, up to ``max_paths`` root-to-terminal paths ranked by their final reward, ties by
-    the Q of their last step (TPO's response-level lists; ``prefix`` is empty)."""
+    """Per tree, up to ``max_paths`` root-to-terminal paths ranked by their return (the sum of
+    their steps' rewards: the final reward when only the last step is rewarded), ties by the Q of
+    their last step (TPO's response-level lists; ``prefix`` is empty)."""
     out = []
     for b in range(tree.batch_size):
         ends = [int(i) for i in np.flatnonzero(tree.terminal[b, : tree.node_count[b]]) if i != 0]
-        ends.sort(key=lambda i, b=b: (-tree.reward[b, i], -tree.q(b, i), i))
+        returns = {e: float(tree.reward[b, tree.path(b, e)].sum()) for e in ends}
+        ends.sort(key=lambda i, b=b: (-returns[i], -tree.q(b, i), i))
         ends = ends[:max_paths]
         if len(ends) < min_size:
             continue
         out.append({"prompt": prompts[b], "prefix": "",
                     "responses": ["".join(tree.texts[b][i] for i in tree.path(b, e)) for e in ends],
-                    "scores": [float(tree.reward[b, e]) for e in ends], "task_id": task_ids[b],
-                    "iteration": iteration})
+                    "scores": [returns[e] for e in ends], "task_id": task_ids[b], "iteration": iteration})
     return out
 
 

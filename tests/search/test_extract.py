@@ -91,6 +91,9 @@ def test_sibling_and_path_lists_exact():
     assert [(t["steps"], t["correct"]) for t in trajs] == [(["a\n", "d\n"], True), (["a\n", "e\n"], False)]
     tree.reward[0, 1] = 0.25  # a reward on the first step too: each trajectory's reward is its return
     assert [t["reward"] for t in extract_trajectories(tree, prompts=P, task_ids=T)] == [1.25, 0.25]
+    assert extract_path_lists(tree, prompts=P, task_ids=T)[0]["scores"] == [1.25, 0.25]
+    tree.reward[0, 5] = 2.0  # the path to 'e' now returns more than the one to 'd': it ranks first
+    assert extract_path_lists(tree, prompts=P, task_ids=T)[0]["responses"] == ["a\ne\n", "a\nd\n"]
 
 
 def test_agent_q_alpha_mix_ranks_by_q_and_critic():
