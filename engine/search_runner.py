@@ -425,14 +425,6 @@ def run_search(policy, env, tasks: Sequence[dict], cfg, progress: Callable[[int,
         return _run_search(policy, env, tasks, cfg, progress, rollout_record)
 
 
-def _critic(policy, prompts, cfg, scorer=None, judge=None):
-    """--leaf-eval mix's critic: the --scorer if given, else the policy's self-evaluation."""
-    if cfg.scorer:
-        return scorer or make_scorer_fn(load_scorer(cfg.scorer), prompts, name=f"--scorer {cfg.scorer}")
-    return judge or make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
-                                      verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
-
-
 def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     roots = []
     for task in tasks:
@@ -441,13 +433,23 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     prompts = [t["prompt"] for t in tasks]
     tree = Tree(len(tasks), capacity=1 + cfg.simulations * cfg.num_candidates, root_states=roots)
     tree.meta = [{"task_id": t["task_id"], "prompt": t["prompt"]} for t in tasks]
+    judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
+                              verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
+    scorer = make_scorer_fn(load_scorer(cfg.scorer), prompts, name=f"--scorer {cfg.scorer}") if cfg.scorer else None
+    critic = scorer or judge  # --leaf-eval mix's
     if cfg.search == "sample":
         sample_trajectories(tree, sample_fn=make_sample_fn(policy, env, prompts, temperature=cfg.temperature,
                                                            max_new_tokens=cfg.max_new_tokens),
                             num_samples=cfg.simulations, progress=progress)
-        if cfg.leaf_eval == "mix":  # the sampled steps ranked as Agent Q ranks siblings
-            score_unscored(tree, _critic(policy, prompts, cfg))
-        return tree
+    else:
+        _search_trees(tree, policy, env, prompts, cfg, progress, rollout_record, judge, scorer, critic)
+    if cfg.leaf_eval == "mix":  # the steps valued without the critic (terminal ones, sampled ones) too
+        score_unscored(tree, critic)
+    return tree
+
+
+def _search_trees(tree, policy, env, prompts, cfg, progress, rollout_record, judge, scorer, critic) -> None:
+    """MCTS or tree-of-thoughts search of ``tree`` with ``cfg``'s leaf evaluation."""
     # rollouts continue the samples that proposed the steps (see make_expand_fn)
     continuations = {} if cfg.leaf_eval in ("rollout", "mix") else None
     prefix_cache = None  # one per search: its entries hold for the current weights only
@@ -463,10 +465,6 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens, record=rollout_record,
                                         continuations=continuations, prefix_cache=prefix_cache, parked=parked)
-    judge = make_self_eval_fn(policy, prompts, question=cfg.self_eval_question,
-                              verdicts=(cfg.self_eval_yes, cfg.self_eval_no))
-    scorer = make_scorer_fn(load_scorer(cfg.scorer), prompts, name=f"--scorer {cfg.scorer}") if cfg.scorer else None
-    critic = _critic(policy, prompts, cfg, scorer, judge)
     evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge, "scorer": scorer,
                    "mix": with_critic(rollouts, critic)}[cfg.leaf_eval]
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,
@@ -487,9 +485,6 @@ def _run_search(policy, env, tasks, cfg, progress, rollout_record) -> Tree:
     else:
         tot_dfs(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, max_expansions=cfg.simulations,
                 prune_below=cfg.prune_below, max_depth=cfg.max_depth, progress=progress)
-    if cfg.leaf_eval == "mix":  # terminal steps, valued by their reward, get their critic scores too
-        score_unscored(tree, critic)
-    return tree
 
 
 def rollout_trajectories(tree: Tree, record: list, *, prompts: Sequence[str], task_ids: Sequence[str],

@@ -78,15 +78,21 @@ def discounted_returns(tree, b, n, v, gamma):
             for k, node in enumerate(path)]
 
 
+def rewarded_tree_and_nodes(rng, count):
+    """A random tree with a reward on about half of its steps, and ``count`` random (tree, node)
+    pairs of it."""
+    tree = random_tree(rng)
+    tree.reward[:] = np.where(rng.random(tree.reward.shape) < 0.5, rng.random(tree.reward.shape), 0.0)
+    tb = rng.integers(0, tree.batch_size, count).astype(np.int32)
+    return tree, tb, np.array([rng.integers(0, tree.node_count[b]) for b in tb], np.int32)
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("gamma", [1.0, 0.8])
 def test_backup_matches_reference(seed, gamma):
     rng = np.random.default_rng(seed)
-    tree = random_tree(rng)
-    tree.reward[:] = np.where(rng.random(tree.reward.shape) < 0.5, rng.random(tree.reward.shape), 0.0)
+    tree, tb, nb = rewarded_tree_and_nodes(rng, 40)
     visits, value_sum = tree.visits.copy(), tree.value_sum.copy()
-    tb = rng.integers(0, tree.batch_size, 40).astype(np.int32)
-    nb = np.array([rng.integers(0, tree.node_count[b]) for b in tb], np.int32)
     vals = rng.random(40)
     backup(tree.parent, tree.visits, tree.value_sum, tree.reward, tb, nb, vals, gamma)
     for b, n, v in zip(tb, nb, vals):
@@ -101,13 +107,9 @@ def test_backup_matches_reference(seed, gamma):
 @pytest.mark.parametrize("gamma", [1.0, 0.8])
 def test_max_backup_matches_reference(seed, gamma):
     rng = np.random.default_rng(seed)
-    tree = random_tree(rng)
-    tree.reward[:] = np.where(rng.random(tree.reward.shape) < 0.5, rng.random(tree.reward.shape), 0.0)
+    tree, tb, nb = rewarded_tree_and_nodes(rng, 60)
     best = {}  # (tree, node) -> the largest return backed up through it, as a plain maximum
-    for b in range(tree.batch_size):
-        tree.visits[b], tree.value_sum[b] = 0, 0.0
-    tb = rng.integers(0, tree.batch_size, 60).astype(np.int32)
-    nb = np.array([rng.integers(0, tree.node_count[b]) for b in tb], np.int32)
+    tree.visits[:], tree.value_sum[:] = 0, 0.0
     vals = rng.random(60) * 2 - 1
     for j in range(0, 60, 20):  # three kernel calls, each over a batch of backups
         backup_max(tree.parent, tree.visits, tree.value_sum, tree.reward, tb[j : j + 20], nb[j : j + 20],
