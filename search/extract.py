@@ -168,13 +168,14 @@ def extract_path_lists(
     out = []
     for b in range(tree.batch_size):
         ends = [int(i) for i in np.flatnonzero(tree.terminal[b, : tree.node_count[b]]) if i != 0]
-        returns = {e: float(tree.reward[b, tree.path(b, e)].sum()) for e in ends}
+        paths = {e: tree.path(b, e) for e in ends}
+        returns = {e: float(tree.reward[b, paths[e]].sum()) for e in ends}
         ends.sort(key=lambda i, b=b: (-returns[i], -tree.q(b, i), i))
         ends = ends[:max_paths]
         if len(ends) < min_size:
             continue
         out.append({"prompt": prompts[b], "prefix": "",
-                    "responses": ["".join(tree.texts[b][i] for i in tree.path(b, e)) for e in ends],
+                    "responses": ["".join(tree.texts[b][i] for i in paths[e]) for e in ends],
                     "scores": [returns[e] for e in ends], "task_id": task_ids[b], "iteration": iteration})
     return out
 

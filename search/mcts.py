@@ -11,7 +11,7 @@ A node's Q is the return of its step: the reward the environment gave for it plu
 the value of what follows (``evaluate_fn``'s estimate for a new open node, nothing for a terminal
 one), and each ancestor adds its own reward on the way up (``G = r + gamma * G_child``, as mctx
 does), in each backup form. With a reward only at the end and ``gamma = 1`` (the math
-environment) the returns are the outcomes, as they were before rewards were added on the way.
+environment) every return is the episode's outcome.
 """
 
 from __future__ import annotations
