@@ -16,6 +16,7 @@ environment) every return is the episode's outcome.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -296,24 +297,29 @@ def mcts_streamed(
         nonlocal reported
         done[b] += 1
         if commit_every and done[b] % commit_every == 0 and not stopped[b]:
-            for other in going[b]:  # real visits decide the commit
-                _virtual(tree, b, other, -1)
-            _commit(tree, roots, stopped, max_depth, [b])
-            for other in going[b]:
-                _virtual(tree, b, other, 1)
+            with real_visits(b):  # real visits decide the commit
+                _commit(tree, roots, stopped, max_depth, [b])
         least = int(np.where(stopped, num_simulations, done).min())
         if progress is not None and least > reported:
             reported = least
             progress(reported, num_simulations)
 
-    def real_back_up(b: int, nodes: list[int], values: list[float]) -> None:
-        """Back values up in tree ``b`` with the virtual visits of its other expansions taken out
-        meanwhile: the backups that store ``W = Q * N`` (visit-weighted, max) need real counts."""
+    @contextlib.contextmanager
+    def real_visits(b: int):
+        """Tree ``b`` with the virtual visits of its expansions still going taken out meanwhile."""
         for other in going[b]:
             _virtual(tree, b, other, -1)
-        back_up(tree, [b] * len(nodes), nodes, values, mode=backup_mode, gamma=gamma)
-        for other in going[b]:
-            _virtual(tree, b, other, 1)
+        try:
+            yield
+        finally:
+            for other in going[b]:
+                _virtual(tree, b, other, 1)
+
+    def real_back_up(b: int, nodes: list[int], values: list[float]) -> None:
+        """Back values up in tree ``b`` with real visit counts: the backups that store ``W = Q * N``
+        (visit-weighted, max) need them."""
+        with real_visits(b):
+            back_up(tree, [b] * len(nodes), nodes, values, mode=backup_mode, gamma=gamma)
 
     def advance(b: int) -> int:
         """Select tree ``b``'s next leaves and start their expansions (up to ``in_flight`` going),
