@@ -132,7 +132,9 @@ def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float],
         raise ValueError(f"backup mode must be 'mean', 'visit-weighted' or 'max', got {mode!r}")
 
 
-def _check(num_simulations: int, c_puct: float, rule: str) -> None:
+def _check(num_simulations: int, c_puct: float, rule: str, gamma: float = 1.0) -> None:
+    if not 0.0 <= gamma <= 1.0:  # (NaN fails too)
+        raise ValueError(f"gamma (the discount) must be in [0, 1], got {gamma}")
     if num_simulations < 0:
         raise ValueError(f"num_simulations must be >= 0, got {num_simulations}")
     if not (math.isfinite(c_puct) and c_puct >= 0):
@@ -177,7 +179,7 @@ def mcts(
     at ``max_depth`` stops; the search ends when every tree has. (:meth:`Tree.reroot` does the
     same commit and also drops the rest, to free the memory.)
     """
-    _check(num_simulations, c_puct, rule)
+    _check(num_simulations, c_puct, rule, gamma)
     if leaves_per_tree < 1 or virtual_loss < 0:
         raise ValueError("leaves_per_tree must be >= 1 and virtual_loss >= 0")
     if commit_every < 0:
@@ -278,7 +280,7 @@ def mcts_streamed(
     finished, as :func:`mcts` does after every ``k`` rounds (the virtual visits of its expansions
     still going left out of the count), and stops when it has committed to its last step.
     """
-    _check(num_simulations, c_puct, rule)
+    _check(num_simulations, c_puct, rule, gamma)
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
     if commit_every < 0:

@@ -17,6 +17,7 @@ from search import (
     extract_pairs,
     extract_trajectories,
     mcts,
+    mcts_streamed,
     merge_candidates,
     to_networkx,
     tree_from_dict,
@@ -163,6 +164,11 @@ def test_bad_arguments():
         mcts(tree, expand_fn=None, evaluate_fn=None, num_simulations=-1)
     with pytest.raises(ValueError):
         mcts(tree, expand_fn=None, evaluate_fn=None, num_simulations=1, c_puct=float("nan"))
+    for gamma in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="gamma"):
+            mcts(tree, expand_fn=None, evaluate_fn=None, num_simulations=1, gamma=gamma)
+        with pytest.raises(ValueError, match="gamma"):
+            mcts_streamed(tree, start_fn=None, wait_fn=None, num_simulations=1, gamma=gamma)
 
 
 def test_search_imports_without_torch():
