@@ -70,6 +70,10 @@ class TrainConfig:
     backup: Literal["mean", "visit-weighted", "max"] = "mean"
     """MCTS backup: running mean, MCTS-DPO's visit-weighted mean of children, or the largest value
     backed up through a node (llm-reasoners' max Q)."""
+    gamma: float = 1.0
+    """MCTS discount: a node's Q is its step's reward plus gamma times the value of what follows
+    (1: undiscounted; below 1 a reward counts for less the more steps it lies ahead, so shorter
+    solutions rank higher)."""
     normalize_q: bool = False
     """MCTS selection on Q min-max normalised over each tree's visited nodes (MuZero, mctx), for
     values outside [0, 1] (an external scorer's, say)."""
@@ -311,6 +315,10 @@ def validate(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must be in [0, 1], got {cfg.alpha}")
+    if not 0.0 <= cfg.gamma <= 1.0:
+        problems.append(f"--gamma must be in [0, 1], got {cfg.gamma}")
+    elif cfg.gamma != 1.0 and (cfg.search != "mcts" or cfg.env == "code"):
+        problems.append("--gamma discounts the returns of MCTS on --env math: it needs --search mcts")
     if cfg.leaf_eval == "scorer" and not cfg.scorer:
         problems.append("--leaf-eval scorer needs --scorer MODULE:FUNCTION (or FILE.py:FUNCTION)")
     if cfg.scorer and cfg.leaf_eval not in ("scorer", "mix"):

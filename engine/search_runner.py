@@ -460,8 +460,8 @@ def _search_trees(tree, policy, env, prompts, cfg, progress, rollout_record, jud
             and prefix_cache is not None):
         parked = ParkedRollouts(policy, env, rows=cfg.park_rows, temperature=cfg.temperature, record=rollout_record,
                                 prefix_kw=_prefix_kw(prefix_cache),
-                                back_up_fn=lambda b, n, v: back_up(tree, b, n, step_returns(tree, b, n, v),
-                                                                   mode=cfg.backup))
+                                back_up_fn=lambda b, n, v: back_up(tree, b, n, step_returns(tree, b, n, v, cfg.gamma),
+                                                                   mode=cfg.backup, gamma=cfg.gamma))
     rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens, record=rollout_record,
                                         continuations=continuations, prefix_cache=prefix_cache, parked=parked)
@@ -474,7 +474,7 @@ def _search_trees(tree, policy, env, prompts, cfg, progress, rollout_record, jud
     if cfg.search == "mcts":
         mcts(tree, expand_fn=expand_fn, evaluate_fn=evaluate_fn, num_simulations=cfg.simulations, c_puct=cfg.c_puct,
              rule=cfg.rule, normalize_q=cfg.normalize_q, leaves_per_tree=cfg.leaves_per_tree, backup_mode=cfg.backup,
-             max_depth=cfg.max_depth, commit_every=cfg.commit_every, progress=progress)
+             gamma=cfg.gamma, max_depth=cfg.max_depth, commit_every=cfg.commit_every, progress=progress)
         if parked is not None:
             parked.drain(tree)
     elif evaluate_fn is None:

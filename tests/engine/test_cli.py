@@ -136,6 +136,8 @@ def test_help_documents_trainer_flags():
         (["--name", "../escape"], "plain directory name"),
         (["--search", "tot-bfs", "--leaf-eval", "outcome"], "needs --search mcts"),
         (["--alpha", "2"], "--alpha must be in [0, 1]"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+        (["--search", "tot-bfs", "--gamma", "0.9"], "--gamma discounts the returns of MCTS"),
         (["--leaf-eval", "scorer"], "--leaf-eval scorer needs --scorer"),
         (["--search", "tot-bfs", "--commit-every", "2"], "--commit-every commits MCTS steps"),
         (["--commit-every", "2", "--env", "code"], "--env code samples whole completions"),

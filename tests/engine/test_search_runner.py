@@ -65,6 +65,28 @@ def test_each_algorithm_builds_consistent_trees(policy, search, leaf_eval):
     extract_pairs(tree, prompts=[t["prompt"] for t in TASKS], task_ids=[t["task_id"] for t in TASKS])
 
 
+def test_discounted_search_values_each_step_by_its_discounted_return(policy, tmp_path):
+    """--gamma 0.5, each open node valued 1 by a scorer (math rewards only the last step): a
+    terminal step's Q is its reward, and each other node's value sum is what was backed up at it
+    (0.5 * 1) plus 0.5 times its children's value sums."""
+    (tmp_path / "one.py").write_text("def score(prompts, partials):\n    return [1.0] * len(partials)\n")
+    cfg = dataclasses.replace(TrainConfig(), gamma=0.5, leaf_eval="scorer", scorer=f"{tmp_path / 'one.py'}:score",
+                              simulations=6, num_candidates=3, max_new_tokens=40, step_max_tokens=16, max_depth=6)
+    torch.manual_seed(0)
+    tree = run_search(policy, MathEnv(max_steps=6), TASKS, cfg)
+    inner = 0
+    for b in range(tree.batch_size):
+        for i in range(1, tree.node_count[b]):
+            if tree.terminal[b, i]:
+                assert tree.q(b, i) in (0.0, 1.0) or not tree.visits[b, i]
+                continue
+            kids = tree.children(b, i)
+            own = tree.value_sum[b, i] - 0.5 * sum(tree.value_sum[b, c] for c in kids)
+            assert own == pytest.approx(0.5)  # its own value, discounted: 0.5 * 1
+            inner += len(kids) > 0
+    assert inner > 0
+
+
 def test_play_out_scores_a_reference_solution():
     env = MathEnv()
     task = TASKS[0]
