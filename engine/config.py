@@ -318,7 +318,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     if not 0.0 <= cfg.gamma <= 1.0:
         problems.append(f"--gamma must be in [0, 1], got {cfg.gamma}")
     elif cfg.gamma != 1.0 and (cfg.search != "mcts" or cfg.env == "code"):
-        problems.append("--gamma discounts the returns of MCTS on --env math: it needs --search mcts")
+        problems.append("--gamma discounts the returns of MCTS: it needs --search mcts and --env math")
     if cfg.leaf_eval == "scorer" and not cfg.scorer:
         problems.append("--leaf-eval scorer needs --scorer MODULE:FUNCTION (or FILE.py:FUNCTION)")
     if cfg.scorer and cfg.leaf_eval not in ("scorer", "mix"):

@@ -138,6 +138,7 @@ def test_help_documents_trainer_flags():
         (["--alpha", "2"], "--alpha must be in [0, 1]"),
         (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
         (["--search", "tot-bfs", "--gamma", "0.9"], "--gamma discounts the returns of MCTS"),
+        (["--env", "code", "--gamma", "0.9"], "needs --search mcts and --env math"),
         (["--leaf-eval", "scorer"], "--leaf-eval scorer needs --scorer"),
         (["--search", "tot-bfs", "--commit-every", "2"], "--commit-every commits MCTS steps"),
         (["--commit-every", "2", "--env", "code"], "--env code samples whole completions"),
