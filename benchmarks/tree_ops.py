@@ -92,15 +92,14 @@ def run_ours(priors: np.ndarray, values: np.ndarray, tree: Tree | None = None) -
     return time.perf_counter() - start, int(updates), t
 
 
-def time_ours(priors, values, repeats, tree=None):
-    """Best (minimum) seconds over ``repeats`` runs on fresh Trees and on one reused Tree (``tree``,
-    made here when None), node updates, and the reused Tree after its last run (for the equality
-    check)."""
+def time_ours(priors, values, repeats):
+    """Best (minimum) seconds over ``repeats`` runs on fresh Trees and on one reused Tree, node updates,
+    and the reused Tree after its last run (for the equality check)."""
     fresh = []
     for _ in range(repeats):
         seconds, updates, _ = run_ours(priors, values)  # the Tree is dropped before the next run
         fresh.append(seconds)
-    tree = tree if tree is not None else Tree(priors.shape[0], capacity=1 + priors.shape[1] * K)
+    tree = Tree(priors.shape[0], capacity=1 + priors.shape[1] * K)
     reused = [run_ours(priors, values, tree)[0] for _ in range(repeats)]
     return min(fresh), min(reused), updates, tree
 
@@ -331,8 +330,8 @@ def main(argv=None) -> None:
         assert o_upd == p_upd, f"{name}: {o_upd} node updates (ours) vs {p_upd} (pure Python)"
         print(f"check passed: workload {name}, root child visits identical on {len(check)} tree(s) "
               f"(e.g. {py_roots[0]}), node updates identical ({o_upd})")
-        del py_roots
-        gc.collect()  # free the reference's objects before the next timing, outside it
+        del tree, py_roots
+        gc.collect()  # free the trees before the next timing, outside it
 
         if reasoners_run is not None:
             lr_trees = args.lr_trees if name == "A" else 1
@@ -340,10 +339,9 @@ def main(argv=None) -> None:
             r_s, r_upd = time_reasoners(reasoners_run, priors[:lr_trees, :lr_sims], values[:lr_trees, :lr_sims],
                                         args.ref_repeats if name == "A" else 1)
         if args.repeats > first_turn:  # ours' second turn, after the references
-            f2_s, o2_s, _, tree = time_ours(priors, values, args.repeats - first_turn, tree)
+            f2_s, o2_s, _, tree = time_ours(priors, values, args.repeats - first_turn)
             f_s, o_s = min(f_s, f2_s), min(o_s, o2_s)
-        del tree
-        gc.collect()
+            del tree
 
         o_rate, p_rate = sims / o_s, sims / p_s
         rows += [(name, "ours (numba)", sims, o_s, o_rate, o_upd / o_s, 1.0),

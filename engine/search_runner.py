@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +27,7 @@ __all__ = [
     "make_scorer_fn",
     "ParkedRollouts",
     "play_out",
+    "Rollout",
     "walk_lines",
     "rollout_trajectories",
     "run_search",
@@ -60,18 +62,31 @@ def walk_lines(env, state, continuation: str) -> list[Candidate]:
             for text, reward, ended in _steps(env, state, continuation)]
 
 
-def play_out(env, state, continuation: str) -> tuple[float, list[str]]:
-    """Step ``env`` from ``state`` through the lines of ``continuation``. Returns the rollout's
-    return, the sum of its steps' rewards (for the math environment, the final reward: 1 for a
-    correct answer; 0 when the text ends before the episode does), and the steps taken, each
-    ending in a newline (no state or :class:`search.Candidate` per step: a rollout needs only its
-    outcome)."""
+class Rollout(NamedTuple):
+    """What :func:`play_out` found."""
+
+    value: float
+    """The discounted return of the rollout's steps, ``sum_k gamma**k * r_k`` (the value of the
+    node it starts from, for the search)."""
+    steps: list[str]
+    """The steps taken, each ending in a newline."""
+    total: float
+    """The undiscounted return, the sum of the steps' rewards (for trajectory records)."""
+
+
+def play_out(env, state, continuation: str, gamma: float = 1.0) -> Rollout:
+    """Step ``env`` from ``state`` through the lines of ``continuation`` until the episode ends.
+    Returns its return, discounted by ``gamma`` and not (for the math environment, both the final
+    reward when ``gamma`` is 1: 1 for a correct answer; 0 when the text ends before the episode
+    does), and the steps taken (no state or :class:`search.Candidate` per step: a rollout needs
+    only its outcome)."""
     steps: list[str] = []
-    outcome = 0.0
+    value = total = 0.0
     for text, reward, _ in _steps(env, state, continuation):
+        value += gamma ** len(steps) * reward
         steps.append(text)
-        outcome += reward
-    return outcome, steps
+        total += reward
+    return Rollout(value, steps, total)
 
 
 @dataclass
@@ -91,14 +106,15 @@ class _Parked:
 class ParkedRollouts:
     """Rollouts that an expansion call handed back still running (``generate(..., park=N)``): each
     goes on as one more row of the next expansion call, and its child's value is backed up when it
-    ends (``back_up_fn(trees, nodes, values)``), a round or more late; :meth:`drain` ends those left
-    when the search does. Between, the child counts as not yet valued (``evaluate_fn`` gives NaN,
-    which :func:`search.back_up` skips)."""
+    ends (``back_up_fn(trees, nodes, values)``, each value its rollout's return discounted by
+    ``gamma``), a round or more late; :meth:`drain` ends those left when the search does. Between,
+    the child counts as not yet valued (``evaluate_fn`` gives NaN, which :func:`search.back_up`
+    skips)."""
 
     def __init__(self, policy, env, *, rows: int, temperature: float, record: list | None, prefix_kw: dict,
-                 back_up_fn: Callable[[list[int], list[int], list[float]], None]):
+                 back_up_fn: Callable[[list[int], list[int], list[float]], None], gamma: float = 1.0):
         self.policy, self.env, self.rows, self.temperature = policy, env, int(rows), temperature
-        self.record, self.prefix_kw, self.back_up_fn = record, prefix_kw, back_up_fn
+        self.record, self.prefix_kw, self.back_up_fn, self.gamma = record, prefix_kw, back_up_fn, gamma
         self.waiting: list[_Parked] = []
         self._unclaimed: dict[tuple[int, int, str], _Parked] = {}  # parked by the last call, child not made yet
         self.parked = self.finished = 0
@@ -135,12 +151,12 @@ class ParkedRollouts:
             if s.parked and p.tokens_left > 0:
                 still.append(p)
                 continue
-            reward, steps = play_out(self.env, tree.states[p.tree][p.node], p.text)
+            out = play_out(self.env, tree.states[p.tree][p.node], p.text, self.gamma)
             if self.record is not None:
-                self.record.append((p.tree, p.node, steps, reward))
+                self.record.append((p.tree, p.node, out.steps, out.total))
             done_b.append(p.tree)
             done_n.append(p.node)
-            done_v.append(reward)
+            done_v.append(out.value)
         gone = {id(p) for p in going}
         self.waiting = [p for p in self.waiting if id(p) not in gone] + still
         self.finished += len(done_b)
@@ -239,11 +255,13 @@ def make_expand_fn(policy, env, prompts: Sequence[str], *, num_candidates: int, 
 
 def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: int, temperature: float,
                              max_new_tokens: int, record: list | None = None, continuations: dict | None = None,
-                             prefix_cache=None, parked: ParkedRollouts | None = None):
-    """``evaluate_fn`` that values a node by the mean reward of ``rollouts`` policy completions.
+                             prefix_cache=None, parked: ParkedRollouts | None = None, gamma: float = 1.0):
+    """``evaluate_fn`` that values a node by the mean return (discounted by ``gamma``) of
+    ``rollouts`` policy completions.
     Completions that expansion already sampled (``continuations``, keyed by tree, parent and step
     text; see :func:`make_expand_fn`) are used first; only the missing ones are sampled. When
-    ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``. A
+    ``record`` is a list, each rollout is appended to it as ``(tree, node, steps, reward)``
+    (``reward``: its undiscounted return). A
     ``prefix_cache`` is read (see :func:`make_expand_fn`). A node whose rollout is ``parked`` (one
     rollout per node) gets NaN, its value to come when the rollout ends."""
     prefix_kw = _prefix_kw(prefix_cache)
@@ -267,10 +285,10 @@ def make_rollout_evaluate_fn(policy, env, prompts: Sequence[str], *, rollouts: i
             if later[j]:
                 values[j] = np.nan
                 continue
-            outcomes = [play_out(env, tree.states[b][n], text) for text in group]
-            values[j] = np.mean([r for r, _ in outcomes])
+            outcomes = [play_out(env, tree.states[b][n], text, gamma) for text in group]
+            values[j] = np.mean([o.value for o in outcomes])
             if record is not None:
-                record.extend((b, n, steps, r) for r, steps in outcomes)
+                record.extend((b, n, o.steps, o.total) for o in outcomes)
         return values
 
     return evaluate_fn
@@ -461,10 +479,11 @@ def _search_trees(tree, policy, env, prompts, cfg, progress, rollout_record, jud
         parked = ParkedRollouts(policy, env, rows=cfg.park_rows, temperature=cfg.temperature, record=rollout_record,
                                 prefix_kw=_prefix_kw(prefix_cache),
                                 back_up_fn=lambda b, n, v: back_up(tree, b, n, step_returns(tree, b, n, v, cfg.gamma),
-                                                                   mode=cfg.backup, gamma=cfg.gamma))
+                                                                   mode=cfg.backup, gamma=cfg.gamma), gamma=cfg.gamma)
     rollouts = make_rollout_evaluate_fn(policy, env, prompts, rollouts=cfg.rollouts, temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens, record=rollout_record,
-                                        continuations=continuations, prefix_cache=prefix_cache, parked=parked)
+                                        continuations=continuations, prefix_cache=prefix_cache, parked=parked,
+                                        gamma=cfg.gamma)
     evaluate_fn = {"rollout": rollouts, "outcome": None, "self-eval": judge, "scorer": scorer,
                    "mix": with_critic(rollouts, critic)}[cfg.leaf_eval]
     expand_fn = make_expand_fn(policy, env, prompts, num_candidates=cfg.num_candidates,

@@ -132,7 +132,9 @@ def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float],
         raise ValueError(f"backup mode must be 'mean', 'visit-weighted' or 'max', got {mode!r}")
 
 
-def _check(num_simulations: int, c_puct: float, rule: str, gamma: float = 1.0) -> None:
+def _check(num_simulations: int, c_puct: float, rule: str, gamma: float = 1.0, backup_mode: str = "mean") -> None:
+    if backup_mode not in ("mean", "visit-weighted", "max"):
+        raise ValueError(f"backup mode must be 'mean', 'visit-weighted' or 'max', got {backup_mode!r}")
     if not 0.0 <= gamma <= 1.0:  # (NaN fails too)
         raise ValueError(f"gamma (the discount) must be in [0, 1], got {gamma}")
     if num_simulations < 0:
@@ -179,7 +181,7 @@ def mcts(
     at ``max_depth`` stops; the search ends when every tree has. (:meth:`Tree.reroot` does the
     same commit and also drops the rest, to free the memory.)
     """
-    _check(num_simulations, c_puct, rule, gamma)
+    _check(num_simulations, c_puct, rule, gamma, backup_mode)
     if leaves_per_tree < 1 or virtual_loss < 0:
         raise ValueError("leaves_per_tree must be >= 1 and virtual_loss >= 0")
     if commit_every < 0:
@@ -278,9 +280,11 @@ def mcts_streamed(
     expanded waits for it. ``num_simulations`` counts the simulations started per tree either way.
     ``commit_every=k > 0``: each tree commits a step after every ``k`` of its simulations have
     finished, as :func:`mcts` does after every ``k`` rounds (the virtual visits of its expansions
-    still going left out of the count), and stops when it has committed to its last step.
+    still going left out of the count), and stops when it has committed to its last step: it starts
+    no more, and adds the expansions still going as they come back. An error from a plug-in leaves
+    the tree with its real visit counts (no virtual visits behind).
     """
-    _check(num_simulations, c_puct, rule, gamma)
+    _check(num_simulations, c_puct, rule, gamma, backup_mode)
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
     if commit_every < 0:
@@ -292,6 +296,7 @@ def mcts_streamed(
     leaf = np.zeros((1, 1), np.int32)
     roots = np.zeros(bsz, np.int32)  # where each tree's selections start
     stopped = np.zeros(bsz, np.bool_)  # committed to a step that ends its search
+    busy = np.zeros(bsz, np.int64)  # expansions going per tree (len(going[b]))
     rule_id = PUCT if rule == "puct" else UCT
     reported = 0
 
@@ -301,7 +306,7 @@ def mcts_streamed(
         if commit_every and done[b] % commit_every == 0 and not stopped[b]:
             with real_visits(b):  # real visits decide the commit
                 _commit(tree, roots, stopped, max_depth, [b])
-        least = int(np.where(stopped, num_simulations, done).min())
+        least = int(np.where(stopped & (busy == 0), num_simulations, done).min())  # a stopped tree: once idle
         if progress is not None and least > reported:
             reported = least
             progress(reported, num_simulations)
@@ -339,6 +344,7 @@ def mcts_streamed(
             if not tree.terminal[b, node] and tree.depth[b, node] < max_depth:
                 start_fn(tree, b, node)
                 going[b].add(node)
+                busy[b] += 1
                 _virtual(tree, b, node, 1)
                 begun += 1
                 continue
@@ -348,28 +354,36 @@ def mcts_streamed(
             finished(b)
         return begun
 
-    running = sum(advance(b) for b in range(bsz))
-    while running:
-        came = wait_fn(tree)
-        if not came:
-            raise RuntimeError(f"wait_fn returned nothing while {running} expansions were running")
-        for b, node, cands, values in came:
-            if node not in going[b]:
-                raise ValueError(f"wait_fn returned node {node} of tree {b}, whose expansion was not started")
-            running -= 1
-            going[b].discard(node)
-            _virtual(tree, b, node, -1)
-            first = {}
-            for i, c in enumerate(cands):
-                first.setdefault(c.text, i)
-            kept, idx = _grow(tree, b, node, cands)
-            if not kept:  # the policy produced nothing usable: a dead end, nothing after its own step
-                real_back_up(b, [node], [float(tree.reward[b, node])])
-            else:
-                vals = [float(c.reward) + (0.0 if c.terminal else gamma * float(values[first[c.text]])) for c in kept]
-                real_back_up(b, [int(i) for i in idx], vals)
-            finished(b)
-            running += advance(b)
+    try:
+        running = sum(advance(b) for b in range(bsz))
+        while running:
+            came = wait_fn(tree)
+            if not came:
+                raise RuntimeError(f"wait_fn returned nothing while {running} expansions were running")
+            for b, node, cands, values in came:
+                if node not in going[b]:
+                    raise ValueError(f"wait_fn returned node {node} of tree {b}, whose expansion was not started")
+                running -= 1
+                going[b].discard(node)
+                busy[b] -= 1
+                _virtual(tree, b, node, -1)
+                first = {}
+                for i, c in enumerate(cands):
+                    first.setdefault(c.text, i)
+                kept, idx = _grow(tree, b, node, cands)
+                if not kept:  # the policy produced nothing usable: a dead end, nothing after its own step
+                    real_back_up(b, [node], [float(tree.reward[b, node])])
+                else:
+                    vals = [float(c.reward) + (0.0 if c.terminal else gamma * float(values[first[c.text]]))
+                            for c in kept]
+                    real_back_up(b, [int(i) for i in idx], vals)
+                finished(b)
+                running += advance(b)
+    except BaseException:  # the search stops here: the expansions still going give their virtual visits back
+        for b in range(bsz):
+            for node in going[b]:
+                _virtual(tree, b, node, -1)
+        raise
     return tree
 
 

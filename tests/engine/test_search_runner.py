@@ -91,14 +91,18 @@ def test_play_out_scores_a_reference_solution():
     env = MathEnv()
     task = TASKS[0]
     env.reset(options={"task": task})
-    reward, steps = play_out(env, env.get_state(), task["solution"] + "junk after the end\n")
-    assert reward == 1.0 and "".join(steps) == task["solution"]
+    reward, steps, total = play_out(env, env.get_state(), task["solution"] + "junk after the end\n")
+    assert reward == total == 1.0 and "".join(steps) == task["solution"]
     env.reset(options={"task": task})
     assert play_out(env, env.get_state(), "1+1=3\n")[0] == 0.0
 
 
 class CountingEnv:
     """A reward of 0.25 for each line, and 1 more for the line "end", which ends the episode."""
+
+    def reset(self, *, seed=None, options=None):
+        self.lines = 0
+        return "", {}
 
     def set_state(self, state):
         self.lines = state
@@ -113,12 +117,32 @@ class CountingEnv:
 
 
 def test_rollouts_are_valued_and_recorded_by_their_return():
-    value, steps = play_out(CountingEnv(), 0, "a\nb\nend\nafter\n")
-    assert value == 1.75 and steps == ["a\n", "b\n", "end\n"]
+    value, steps, total = play_out(CountingEnv(), 0, "a\nb\nend\nafter\n")
+    assert value == total == 1.75 and steps == ["a\n", "b\n", "end\n"]
+    # discounted: each reward counts gamma**k, k its step's distance from the rollout's start
+    assert play_out(CountingEnv(), 0, "a\nb\nend\n", gamma=0.5) == (0.25 + 0.5 * 0.25 + 0.25 * 1.25, steps, 1.75)
     tree = Tree(1, root_states=[0])
     (kid,) = tree.add_children(0, 0, ["s\n"], [1.0], [0.25], [False], [1])
     (rec,) = rollout_trajectories(tree, [(0, int(kid), steps, value)], prompts=["p"], task_ids=["t"], iteration=1)
     assert rec["steps"] == ["s\n", *steps] and rec["reward"] == 2.0  # the tree path's step rewards, then the rollout's
+
+
+def test_discounted_rollouts_value_each_child_by_its_discounted_return(policy):
+    """--gamma 0.5 with rollout values, in an environment that rewards every line: a child valued
+    once by its rollout has Q = its step's reward + 0.5 * the rollout's discounted return."""
+    cfg = dataclasses.replace(TrainConfig(), gamma=0.5, simulations=2, num_candidates=3, max_new_tokens=40,
+                              step_max_tokens=16, max_depth=6)
+    record = []
+    torch.manual_seed(0)
+    tree = run_search(policy, CountingEnv(), TASKS, cfg, rollout_record=record)
+    checked = 0
+    for b, n, steps, total in record:
+        assert total == 0.25 * len(steps) + ("end\n" in steps)  # records keep the undiscounted return
+        if tree.visits[b, n] == 1 and not tree.num_children[b, n]:
+            rollout = sum(0.5**k * 0.25 for k in range(len(steps)))
+            assert tree.q(b, n) == pytest.approx(0.25 + 0.5 * rollout)
+            checked += any(steps)
+    assert checked > 0
 
 
 class RecordingPolicy:

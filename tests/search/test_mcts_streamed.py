@@ -157,22 +157,27 @@ def test_bad_driver_and_arguments():
         mcts_streamed(Tree(1), start_fn=None, wait_fn=None, num_simulations=2, in_flight=0)
 
 
-def test_step_commits_with_several_in_flight():
+@pytest.mark.parametrize("seed", range(8))
+def test_step_commits_with_several_in_flight(seed):
     """MCTS-DPO's step commits while several expansions of a tree are going: trees that commit to
-    their last step stop early, and no virtual visit is left behind (each root holds what was
-    backed up through it, plus at most one visit per simulation that expanded nothing)."""
+    their last step stop early, no virtual visit is left behind (each root holds what was backed up
+    through it, plus at most one visit per simulation that expanded nothing), and progress reports
+    all done only once nothing is going."""
     batch, sims = 6, 40
-    driver = Scrambled(3)
+    driver = Scrambled(seed)
     backed = np.zeros(batch, np.int64)
+    reported = []
 
     def wait(t):
+        assert sims not in reported
         out = driver.wait(t)
         for b, _node, cands, _values in out:
             backed[b] += max(len({c.text for c in cands}), 1)
         return out
 
     tree = mcts_streamed(Tree(batch, capacity=8), start_fn=driver.start, wait_fn=wait, num_simulations=sims,
-                         in_flight=3, commit_every=2, max_depth=4)
+                         in_flight=3, commit_every=2, max_depth=4, progress=lambda done, total: reported.append(done))
+    assert reported[-1] == sims and reported == sorted(reported)
     expansions = np.bincount([b for b, _, _ in driver.started], minlength=batch)
     assert max(k for _, _, k in driver.started) > 1  # commits happened with other expansions going
     repeats = tree.visits[:, 0] - backed  # simulations that expanded nothing (each backs one visit up)
@@ -181,3 +186,15 @@ def test_step_commits_with_several_in_flight():
     for b in range(batch):
         for i in range(1, tree.node_count[b]):  # real counts only: a parent has its children's visits
             assert tree.visits[b, tree.parent[b, i]] >= tree.visits[b, i] >= 0
+
+
+def test_an_error_from_a_plug_in_leaves_no_virtual_visits():
+    def wait(t):
+        raise RuntimeError("the server went away")
+
+    tree = Tree(3, capacity=8)
+    with pytest.raises(RuntimeError, match="went away"):
+        mcts_streamed(tree, start_fn=lambda t, b, n: None, wait_fn=wait, num_simulations=5, in_flight=3)
+    assert not tree.visits.any()  # the roots' expansions were going, holding a virtual visit each
+    with pytest.raises(ValueError, match="backup mode"):  # refused before any expansion starts
+        mcts_streamed(tree, start_fn=None, wait_fn=None, num_simulations=5, backup_mode="median")
