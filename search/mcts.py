@@ -121,20 +121,32 @@ def back_up(tree: Tree, trees: list[int], nodes: list[int], values: list[float],
     known = ~np.isnan(vb)
     if not known.all():
         tb, nb, vb = tb[known], nb[known], vb[known]
+    _check_backup_mode(mode)
     if mode == "mean":
         backup(tree.parent, tree.visits, tree.value_sum, tree.reward, tb, nb, vb, float(gamma))
     elif mode == "visit-weighted":
         backup_visit_weighted(tree.parent, tree.first_child, tree.num_children, tree.visits, tree.value_sum,
                               tree.reward, tb, nb, vb, float(gamma))
-    elif mode == "max":
-        backup_max(tree.parent, tree.visits, tree.value_sum, tree.reward, tb, nb, vb, float(gamma))
     else:
+        backup_max(tree.parent, tree.visits, tree.value_sum, tree.reward, tb, nb, vb, float(gamma))
+
+
+def _check_backup_mode(mode: str) -> None:
+    if mode not in ("mean", "visit-weighted", "max"):
         raise ValueError(f"backup mode must be 'mean', 'visit-weighted' or 'max', got {mode!r}")
 
 
+def _revisit_value(tree: Tree, b: int, node: int) -> float:
+    """What a repeat visit of a leaf that is not expanded (terminal, or at the depth limit) backs
+    up: its Q, or its step's reward when it has none yet (a terminal node, valued by its reward;
+    a node never valued, in an outcome-only search: nothing follows its step)."""
+    if tree.terminal[b, node] or not tree.visits[b, node]:
+        return float(tree.reward[b, node])
+    return tree.q(b, node)
+
+
 def _check(num_simulations: int, c_puct: float, rule: str, gamma: float = 1.0, backup_mode: str = "mean") -> None:
-    if backup_mode not in ("mean", "visit-weighted", "max"):
-        raise ValueError(f"backup mode must be 'mean', 'visit-weighted' or 'max', got {backup_mode!r}")
+    _check_backup_mode(backup_mode)
     if not 0.0 <= gamma <= 1.0:  # (NaN fails too)
         raise ValueError(f"gamma (the discount) must be in [0, 1], got {gamma}")
     if num_simulations < 0:
@@ -204,14 +216,10 @@ def mcts(
         for b, node in zip(tb[~expandable].tolist(), nb[~expandable].tolist()):
             back_b.append(b)
             back_n.append(node)
-            if tree.terminal[b, node]:
-                back_v.append(tree.reward[b, node])
-            elif (b, node) in pending and not tree.visits[b, node]:  # its value has not come yet: skipped
-                back_v.append(float("nan"))
-            elif tree.visits[b, node]:
-                back_v.append(tree.q(b, node))
-            else:  # never valued (outcome-only search): its own step's reward, nothing after it
-                back_v.append(float(tree.reward[b, node]))
+            if (b, node) in pending and not tree.visits[b, node] and not tree.terminal[b, node]:
+                back_v.append(float("nan"))  # its value has not come yet: skipped
+            else:
+                back_v.append(_revisit_value(tree, b, node))
         eb, en, ev = expand_nodes(tree, tb[expandable], nb[expandable], expand_fn=expand_fn,
                                   evaluate_fn=evaluate_fn, gamma=gamma)
         pending.update((b, n) for b, n, v in zip(eb, en, ev) if v != v)  # NaN: valued later, by the caller
@@ -296,7 +304,6 @@ def mcts_streamed(
     leaf = np.zeros((1, 1), np.int32)
     roots = np.zeros(bsz, np.int32)  # where each tree's selections start
     stopped = np.zeros(bsz, np.bool_)  # committed to a step that ends its search
-    busy = np.zeros(bsz, np.int64)  # expansions going per tree (len(going[b]))
     rule_id = PUCT if rule == "puct" else UCT
     reported = 0
 
@@ -306,8 +313,11 @@ def mcts_streamed(
         if commit_every and done[b] % commit_every == 0 and not stopped[b]:
             with real_visits(b):  # real visits decide the commit
                 _commit(tree, roots, stopped, max_depth, [b])
-        least = int(np.where(stopped & (busy == 0), num_simulations, done).min())  # a stopped tree: once idle
-        if progress is not None and least > reported:
+        if progress is None:
+            return
+        idle = np.fromiter((not g for g in going), np.bool_, count=bsz)
+        least = int(np.where(stopped & idle, num_simulations, done).min())  # a stopped tree counts once idle
+        if least > reported:
             reported = least
             progress(reported, num_simulations)
 
@@ -344,13 +354,10 @@ def mcts_streamed(
             if not tree.terminal[b, node] and tree.depth[b, node] < max_depth:
                 start_fn(tree, b, node)
                 going[b].add(node)
-                busy[b] += 1
                 _virtual(tree, b, node, 1)
                 begun += 1
                 continue
-            known = tree.terminal[b, node] or not tree.visits[b, node]  # else its Q; a never-valued node its reward
-            value = float(tree.reward[b, node]) if known else tree.q(b, node)
-            real_back_up(b, [node], [value])
+            real_back_up(b, [node], [_revisit_value(tree, b, node)])
             finished(b)
         return begun
 
@@ -365,7 +372,6 @@ def mcts_streamed(
                     raise ValueError(f"wait_fn returned node {node} of tree {b}, whose expansion was not started")
                 running -= 1
                 going[b].discard(node)
-                busy[b] -= 1
                 _virtual(tree, b, node, -1)
                 first = {}
                 for i, c in enumerate(cands):
