@@ -81,7 +81,7 @@ def prepare(cfg: TrainConfig) -> Path:
         except TaskFileError as exc:
             raise UsageError(f"--task-file: {exc}") from None
     if cfg.scorer:
-        from engine.search_runner import load_scorer
+        from engine.scorers import load_scorer
 
         load_scorer(cfg.scorer)  # a scorer that cannot be imported fails here, not after the first search
     return run

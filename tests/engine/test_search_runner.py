@@ -278,7 +278,7 @@ def test_external_scorer_values_leaves_or_scores_them_as_critic(policy, tmp_path
 
 def test_scorer_errors_name_the_problem(tmp_path, monkeypatch):
     from engine.errors import UsageError
-    from engine.search_runner import load_scorer, make_scorer_fn
+    from engine.scorers import load_scorer, make_scorer_fn
 
     for spec, needle in [("prm", "give MODULE:FUNCTION"), (f"{tmp_path}/none.py:score", "no such file"),
                          ("json:nope", "json has no function nope"),
@@ -309,7 +309,7 @@ def test_scorer_errors_name_the_problem(tmp_path, monkeypatch):
 
 
 def test_scorer_file_is_imported_once(tmp_path):
-    from engine.search_runner import load_scorer
+    from engine.scorers import load_scorer
 
     (tmp_path / "counting_prm.py").write_text("import builtins\n"
                                               "builtins.prm_loads = getattr(builtins, 'prm_loads', 0) + 1\n"
