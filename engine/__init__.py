@@ -16,6 +16,7 @@ __all__ = [
     "bootstrap",
     "evaluate",
     "load_policy",
+    "load_trees",
     "run_search",
     "train",
     "validate",
@@ -28,6 +29,7 @@ _LAZY = {
     "PrefixCache": "engine.prefix_cache",
     "evaluate": "engine.evaluate",
     "load_policy": "engine.run_inputs",
+    "load_trees": "engine.show",
     "train": "engine.loop",
     "run_search": "engine.search_runner",
 }

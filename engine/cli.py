@@ -3,6 +3,7 @@
     engine train --env math [--config FILE] [--model DIR] [--iterations N] [--seed S] [--name NAME]
     engine train --resume runs/NAME [--allow-config-change --iterations N]
     engine bootstrap [--seed S]
+    engine show runs/NAME [--iteration N] [--task ID] [--depth D] [--children K]
 
 Option values come from the defaults, then ``--config FILE`` (or, with ``--resume``, the run's own
 config.json), then the flags.
@@ -109,14 +110,18 @@ def main(argv: list[str] | None = None) -> int:
 
             train(cfg, console)
             return 0
+        from engine.show import ShowArgs, show
+
         args = tyro.extras.subcommand_cli_from_dict(
-            {"train": TrainConfig, "bootstrap": BootstrapArgs},
+            {"train": TrainConfig, "bootstrap": BootstrapArgs, "show": ShowArgs},
             prog="engine",
             description="Tree-search preference training for language-model reasoning.",
             args=argv,
         )
         if isinstance(args, BootstrapArgs):
             return _bootstrap(args, console)
+        if isinstance(args, ShowArgs):
+            return show(args, console)
         return _fail("use `engine train ...`")
     except UsageError as exc:
         return _fail(str(exc))

@@ -28,6 +28,7 @@ from search.mcts import back_up, expand_nodes, mcts, mcts_streamed, merge_candid
 from search.tot import SampleFn, sample_trajectories, tot_bfs, tot_dfs
 from search.tree import NO_PARENT, ROOT_INDEX, Tree
 from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn, StartFn, WaitFn
+from search.view import format_tree, principal_variation
 
 __all__ = [
     "NO_PARENT",
@@ -58,6 +59,8 @@ __all__ = [
     "extract_path_lists",
     "extract_sibling_lists",
     "extract_trajectories",
+    "format_tree",
+    "principal_variation",
     "tree_summary",
     "mcts",
     "mcts_streamed",

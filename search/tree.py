@@ -98,6 +98,12 @@ class Tree:
     def capacity(self) -> int:
         return self.parent.shape[1]
 
+    def __repr__(self) -> str:
+        counts = self.node_count
+        return (f"Tree({self.batch_size} trees, {int(counts.sum())} nodes (largest {int(counts.max())}), "
+                f"{int(self.visits[:, 0].sum())} simulations, capacity {self.capacity}; "
+                "search.format_tree(tree, b) shows tree b)")
+
     def _ensure_capacity(self, needed: int) -> None:
         cap = self.capacity
         if needed <= cap:

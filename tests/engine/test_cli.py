@@ -44,6 +44,20 @@ def test_train_smoke(tmp_path, trained_model_dir):
     assert (it / "model" / "config.json").is_file() and (it / "model" / "tokenizer.json").is_file()
     assert (run / "curves.png").stat().st_size > 1000
     assert "held-out accuracy" in out.stdout
+    # engine show: the iteration's trees in a table, then one tree node by node
+    shown = run_cli("show", str(run), "--limit", "3")
+    assert shown.returncode == 0, shown.stderr
+    assert f"iteration 1: 6 trees, {sum(len(t['texts']) for t in trees)} nodes" in " ".join(shown.stdout.split())
+    assert trees[0]["meta"]["task_id"][:8] in shown.stdout and "3 more" in shown.stdout
+    task = trees[2]["meta"]["task_id"]
+    shown = run_cli("show", str(run), "--iteration", "1", "--task", task)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[1].startswith(f"tree 2 · {task} · {len(trees[2]['texts'])} nodes")
+    for bad, needle in [(task[:-1] + "#", "did you mean"), ("6", "this iteration has 6 trees (0..5)")]:
+        shown = run_cli("show", str(run), "--task", bad)
+        assert shown.returncode == 2 and needle in shown.stderr, shown.stderr
+    assert len(lines) == 3 + len(trees[2]["texts"]) and lines[3].startswith(f"* N {trees[2]['visits'][0]}  ")
 
 
 def test_train_tpo_with_lora_writes_lists_and_trainer_metrics(tmp_path, trained_model_dir):
@@ -228,3 +242,29 @@ def test_config_file_problems_are_all_reported_at_once(tmp_path):
     out = run_cli("train", "--config", str(tmp_path / "missing.yaml"), "--runs-dir", str(runs))
     assert out.returncode == 2 and "no such file" in out.stderr
     assert not runs.exists()
+
+
+def test_show_says_what_a_run_directory_holds(tmp_path):
+    from engine.show import load_trees
+
+    out = run_cli("show", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "no such run directory" in out.stderr
+    (tmp_path / "run" / "iter_001").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    out = run_cli("show", str(tmp_path / "run"))
+    assert out.returncode == 2 and "no search trees yet (a run directory)" in out.stderr
+    (tmp_path / "run" / "iter_001" / "samples.jsonl").write_text("")
+    out = run_cli("show", str(tmp_path / "run"))
+    assert out.returncode == 2 and "a code run samples completions" in out.stderr
+    (tmp_path / "run" / "iter_001" / "trees.json").write_text('[{"texts": [""]}]')
+    out = run_cli("show", str(tmp_path / "run"))
+    assert out.returncode == 2 and "does not hold search trees" in out.stderr
+    (tmp_path / "run" / "iter_001" / "trees.json").write_text('[{"texts": [""')
+    out = run_cli("show", str(tmp_path / "run"), "--iteration", "1")
+    assert out.returncode == 2 and "corrupt or truncated" in out.stderr
+    out = run_cli("show", str(tmp_path / "run"), "--iteration", "4")
+    assert out.returncode == 2 and "iteration 4 has no search trees; iterations with trees: 1" in out.stderr
+    out = run_cli("show", str(tmp_path / "run"), "--children", "0")
+    assert out.returncode == 2 and "--children must be at least 1" in out.stderr
+    with pytest.raises(Exception, match="corrupt or truncated"):
+        load_trees(tmp_path / "run")

@@ -1,0 +1,171 @@
+"""``engine show``: a run's search trees, an iteration's at a glance or one node by node.
+
+    engine show runs/NAME                      the latest iteration's trees: summary and table
+    engine show runs/NAME --iteration 2 --task arith-L3-17+25*3 [--depth 3] [--children 4]
+
+In a notebook, :func:`load_trees` gives the same trees as a :class:`search.Tree` (``meta`` holding
+each tree's task id and prompt), for :func:`search.format_tree`, :func:`search.to_networkx` and
+the extraction functions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import tyro
+
+from engine.errors import UsageError
+
+__all__ = ["ShowArgs", "load_trees", "searched_iterations", "show"]
+
+_ITER = re.compile(r"iter_(\d{3,})$")
+
+
+@dataclass(frozen=True)
+class ShowArgs:
+    """Show a run's search trees: an iteration's trees in a table, or one tree node by node."""
+
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """The run directory (runs/NAME)."""
+    iteration: int | None = None
+    """Iteration whose trees to show; default: the latest one searched."""
+    task: str | None = None
+    """The tree to show node by node: its task id, or its index in the iteration (0, 1, ...)."""
+    depth: int | None = None
+    """With --task: levels shown below the root (deeper nodes are counted); default: all."""
+    children: int | None = None
+    """With --task: children shown per node (the rest are counted); default: all."""
+    order: Literal["visits", "index"] = "visits"
+    """With --task: children most visited first, or in the order the search added them."""
+    limit: int = 20
+    """Without --task: trees listed in the table (0: none)."""
+
+
+def searched_iterations(run: str | Path) -> list[int]:
+    """The iterations of run directory ``run`` that have written their search trees."""
+    run = Path(run)
+    found = []
+    for d in run.iterdir() if run.is_dir() else ():
+        m = _ITER.match(d.name)
+        if m and (d / "trees.json").is_file():
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def load_trees(run: str | Path, iteration: int | None = None):
+    """The search trees of ``iteration`` (default: the latest searched) of run directory ``run``, as
+    one :class:`search.Tree` batch (tree ``b``'s task in ``tree.meta[b]``); a :class:`UsageError`
+    saying what is there when they are not."""
+    from engine.run_dir import read_json
+    from search import trees_from_dicts
+
+    path = Path(run)
+    if not path.is_dir():
+        raise UsageError(f"{run}: no such run directory; runs are under --runs-dir (default runs/)")
+    done = searched_iterations(path)
+    if not done:
+        if (path / "iter_001" / "samples.jsonl").is_file():
+            raise UsageError(f"{run}: a code run samples completions and keeps no search trees "
+                             "(see iter_NNN/samples.jsonl)")
+        what = "a run directory" if (path / "config.json").is_file() else "not a run directory (no config.json)"
+        raise UsageError(f"{run}: no search trees yet ({what}); the first search writes iter_001/trees.json")
+    if iteration is None:
+        iteration = done[-1]
+    elif iteration not in done:
+        raise UsageError(f"{run}: iteration {iteration} has no search trees; "
+                         f"iterations with trees: {', '.join(map(str, done))}")
+    file = path / f"iter_{iteration:03d}" / "trees.json"
+    data = read_json(file)
+    try:
+        return trees_from_dicts(data)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UsageError(f"{file} does not hold search trees ({type(exc).__name__}: {exc}); "
+                         "restore it from a backup or search that iteration again") from None
+
+
+def _find_task(tree, task: str) -> int:
+    ids = [str((m or {}).get("task_id", b)) for b, m in enumerate(tree.meta)]
+    if task in ids:
+        return ids.index(task)
+    if task.lstrip("-").isdigit():
+        b = int(task)
+        if 0 <= b < tree.batch_size:
+            return b
+        raise UsageError(f"--task {task}: out of range; this iteration has {tree.batch_size} trees "
+                         f"(0..{tree.batch_size - 1})")
+    close = difflib.get_close_matches(task, ids, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {ids[0]}"
+    raise UsageError(f"--task {task}: no tree has that task id or index{hint}")
+
+
+def _run_min_q_gap(run) -> float:
+    """The run's ``--min-q-gap`` (from its config.json; the default where it has none)."""
+    import json
+
+    from engine.config import TrainConfig
+
+    try:
+        value = json.loads((Path(run) / "config.json").read_text(encoding="utf-8")).get("min_q_gap")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return float(value) if isinstance(value, (int, float)) else TrainConfig.min_q_gap
+
+
+def _best_return(tree, b: int) -> float | None:
+    """The highest return (sum of its steps' rewards) of a root-to-end path of tree ``b``."""
+    ends = [int(i) for i in np.flatnonzero(tree.terminal[b, : tree.node_count[b]])]
+    return max((float(tree.reward[b, tree.path(b, e)].sum()) for e in ends), default=None)
+
+
+def show(args: ShowArgs, console) -> int:
+    """Print what ``args`` asks for on ``console`` (a rich Console)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from search import format_tree, principal_variation, tree_summary
+
+    for name in ("depth", "children", "limit", "iteration"):
+        value = getattr(args, name)
+        least = 1 if name in ("children", "iteration") else 0
+        if value is not None and value < least:
+            raise UsageError(f"--{name} must be at least {least}, got {value}")
+    tree = load_trees(args.run, args.iteration)
+    iteration = args.iteration or searched_iterations(args.run)[-1]
+    if args.task is not None:
+        b = _find_task(tree, args.task)
+        console.print(Text(f"iteration {iteration}"))
+        console.print(Text(format_tree(tree, b, max_depth=args.depth, max_children=args.children,
+                                       order=args.order, width=max(console.width, 60))), soft_wrap=True)
+        return 0
+    gap = _run_min_q_gap(args.run)
+    s = tree_summary(tree, min_q_gap=gap)
+    best = [_best_return(tree, b) for b in range(tree.batch_size)]
+    console.print(Text(f"{args.run}, iteration {iteration}: {s['trees']} trees, {s['nodes']} nodes, deepest "
+                       f"{s['max_depth']}, mean branching {s['mean_branching']:.2f}, pair yield "
+                       f"{s['pair_yield']:.1%} (Q gap >= {gap:g}); {sum(r is not None and r > 0 for r in best)} trees "
+                       "with a path of positive return"))
+    if args.limit == 0:
+        return 0
+    table = Table(box=box.SIMPLE_HEAD)
+    for name in ("#", "task", "nodes", "depth", "N", "Q", "best"):
+        table.add_column(name, no_wrap=name != "task", overflow="fold", justify="left" if name == "task" else "right")
+    table.add_column("most visited path's last step", overflow="fold")
+    for b in range(min(args.limit, tree.batch_size)):
+        n = int(tree.node_count[b])
+        pv = principal_variation(tree, b)
+        end = tree.texts[b][pv[-1]].strip().replace("\n", "⏎") if len(pv) > 1 else ""
+        table.add_row(str(b), Text(str((tree.meta[b] or {}).get("task_id", ""))), str(n),
+                      str(int(tree.depth[b, :n].max())), str(int(tree.visits[b, 0])), f"{tree.q(b, 0):+.3f}",
+                      "-" if best[b] is None else f"{best[b]:g}", Text(end))
+    console.print(table)
+    console.print(Text("best: the highest return of a root-to-end path in the tree (- when none ends there)"))
+    if tree.batch_size > args.limit:
+        console.print(Text(f"… {tree.batch_size - args.limit} more (--limit N lists more); "
+                           f"engine show {args.run} --task ID shows one tree node by node"))
+    return 0

@@ -1,0 +1,169 @@
+"""Trees as text, for a terminal or a notebook: one line per node with its statistics and step.
+
+    >>> print(format_tree(tree, 3, max_depth=4, max_children=3))
+    tree 3 · arith-L2-17+25*3 · 9 nodes, depth 4, 8 simulations
+    17+25*3
+    * N 8  Q +0.625  (root)
+    ├─* N 6  Q +0.833  P 0.61  25*3=75
+    │   └─* N 5  Q +1.000  P 1.00  17+75=92
+    ...
+
+``*`` marks the principal variation: from the root, the most visited child at each level (ties
+to the higher Q, then the earlier child), the path a committed search takes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from search.tree import ROOT_INDEX, Tree
+
+__all__ = ["format_tree", "principal_variation"]
+
+
+def _stats(tree: Tree, b: int):
+    n = int(tree.node_count[b])
+    visits = tree.visits[b, :n]
+    q = np.divide(tree.value_sum[b, :n], visits, out=np.zeros(n), where=visits > 0)
+    return visits, q
+
+
+def principal_variation(tree: Tree, b: int = 0, node: int = ROOT_INDEX) -> list[int]:
+    """The nodes from ``node`` down, taking the most visited child at each level (ties to the
+    higher Q, then the lower index) until a node without a visited child."""
+    visits, q = _stats(tree, b)
+    path = [node]
+    while tree.num_children[b, node] > 0:
+        kids = tree.children(b, node)
+        best = max(kids, key=lambda c: (visits[c], q[c], -c))
+        if visits[best] == 0:
+            break
+        path.append(best)
+        node = best
+    return path
+
+
+def _subtree_sizes(tree: Tree, b: int) -> np.ndarray:
+    """Per node, the number of nodes in its subtree (itself included)."""
+    n = int(tree.node_count[b])
+    size = np.ones(n, np.int64)
+    parent = tree.parent[b, :n]
+    for i in np.argsort(-tree.depth[b, :n], kind="stable").tolist():  # deepest first: children before parents
+        if parent[i] >= 0:
+            size[parent[i]] += size[i]
+    return size
+
+
+def _count(k: int, one: str, many: str) -> str:
+    return f"{k} {one if k == 1 else many}"
+
+
+def _step_text(text: str, room: int) -> str:
+    """A step on one line: its line breaks shown as ``⏎`` (a trailing one dropped), cut to
+    ``room`` characters with ``…``."""
+    text = text[:-1] if text.endswith("\n") else text
+    text = text.replace("\r", "").replace("\n", "⏎")
+    if not text:
+        return '""'
+    room = max(room, 8)
+    return text if len(text) <= room else text[: room - 1] + "…"
+
+
+def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None,
+                max_children: int | None = None, order: str = "visits", width: int = 100) -> str:
+    """Tree ``b`` (the subtree of ``node``) as text: a header (tree, its ``meta`` task id and
+    prompt when it has them, nodes, depth, the root's visits), then one line per node::
+
+        ├─* N 6  Q +0.833  P 0.61  r 1  C 0.72  END  25*3=75
+
+    visits N, Q (W / N; ``-`` while unvisited), prior P, then only where they apply the step's
+    reward r, its critic score C and END for a terminal step, and the step's text on one line.
+    ``*`` marks the principal variation (:func:`principal_variation`).
+
+    ``max_depth``: levels shown below ``node`` (deeper ones summed up as ``… k nodes below``);
+    ``max_children``: children shown per node (the rest summed up with their visits);
+    ``order``: children by ``"visits"`` (most first; ties to higher Q, then tree order) or in
+    tree order (``"index"``); ``width``: characters per line, the step texts cut to fit."""
+    if not 0 <= b < tree.batch_size:
+        raise IndexError(f"tree {b} out of range: the batch holds {tree.batch_size} trees (0..{tree.batch_size - 1})")
+    count = int(tree.node_count[b])
+    if not 0 <= node < count:
+        raise IndexError(f"node {node} out of range: tree {b} has {count} nodes (0..{count - 1})")
+    if order not in ("visits", "index"):
+        raise ValueError(f"order must be 'visits' or 'index', got {order!r}")
+    for name, value in (("max_depth", max_depth), ("max_children", max_children)):
+        if value is not None and value < (0 if name == "max_depth" else 1):
+            raise ValueError(f"{name} must be {'>= 0' if name == 'max_depth' else '>= 1'} or None, got {value}")
+    visits, q = _stats(tree, b)
+    texts, critic = tree.texts[b], tree.critic[b]
+    on_path = set(principal_variation(tree, b, node))
+    size = _subtree_sizes(tree, b)
+    base = int(tree.depth[b, node])
+    meta = tree.meta[b] or {}
+
+    head = f"tree {b}"
+    if meta.get("task_id") is not None:
+        head += f" · {meta['task_id']}"
+    deepest = int(tree.depth[b, :count].max()) if count else 0
+    head += f" · {count} nodes, depth {deepest}, {int(visits[ROOT_INDEX])} simulations"
+    lines = [head]
+    if node != ROOT_INDEX:
+        lines.append(f"subtree of node {node} (depth {base})")
+    if isinstance(meta.get("prompt"), str):
+        lines.append(_step_text(meta["prompt"], width))
+
+    def label(i: int) -> str:
+        parts = [f"N {int(visits[i])}", f"Q {q[i]:+.3f}" if visits[i] > 0 else "Q -"]
+        if i != node:
+            parts.append(f"P {tree.prior[b, i]:.2f}")
+        if tree.reward[b, i] != 0:
+            parts.append(f"r {tree.reward[b, i]:g}")
+        if not math.isnan(critic[i]):
+            parts.append(f"C {critic[i]:.2f}")
+        if tree.terminal[b, i]:
+            parts.append("END")
+        return "  ".join(parts)
+
+    def ordered(i: int) -> list[int]:
+        kids = list(tree.children(b, i))
+        if order == "visits":
+            kids.sort(key=lambda c: (-visits[c], -q[c], c))
+        return kids
+
+    # depth-first with an explicit stack (trees can be deeper than Python's recursion limit):
+    # entries (node, indent of its line, its branch mark) or (summary text, indent, mark)
+    root_text = "(root)" if node == ROOT_INDEX else _step_text(texts[node], width)
+    stack: list[tuple[int | str, str, str]] = []
+    star = "* " if node in on_path else "  "
+    lines.append(f"{star}{label(node)}  {root_text}")
+
+    def push_children(i: int, indent: str) -> None:
+        kids = ordered(i)
+        if max_depth is not None and tree.depth[b, i] - base >= max_depth:
+            if kids:
+                stack.append((f"… {_count(int(size[i]) - 1, 'node', 'nodes')} below", indent, "└─"))
+            return
+        shown = kids if max_children is None else kids[:max_children]
+        rest = kids[len(shown):]
+        entries: list[tuple[int | str, str]] = [(c, "") for c in shown]
+        if rest:
+            hidden = int(sum(size[c] for c in rest))
+            entries.append((f"… {_count(len(rest), 'more child', 'more children')} ({_count(hidden, 'node', 'nodes')}, "
+                            f"{_count(int(sum(visits[c] for c in rest)), 'visit', 'visits')})", ""))
+        for k in range(len(entries) - 1, -1, -1):  # reversed: the first child pops first
+            last = k == len(entries) - 1
+            stack.append((entries[k][0], indent, "└─" if last else "├─"))
+
+    push_children(node, "")
+    while stack:
+        item, indent, mark = stack.pop()
+        if isinstance(item, str):
+            lines.append(f"{indent}{mark} {item}")
+            continue
+        star = "*" if item in on_path else " "
+        prefix = f"{indent}{mark}{star} {label(item)}  "
+        lines.append(prefix + _step_text(texts[item], width - len(prefix)))
+        push_children(item, indent + ("    " if mark == "└─" else "│   "))
+    return "\n".join(lines)

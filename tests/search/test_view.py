@@ -1,0 +1,97 @@
+"""format_tree and principal_variation on hand-built trees whose statistics are known."""
+
+import numpy as np
+import pytest
+
+from search import Tree, format_tree, principal_variation
+
+
+def stats(tree, node, visits, q):
+    tree.visits[0, node] = visits
+    tree.value_sum[0, node] = visits * q
+
+
+def built():
+    """Root (N 6) with children a (N 2, Q 0.5), b (N 3, Q 1), c (unvisited); b has d (terminal,
+    reward 1, critic 0.9) and e (N 1, Q 0, a two-line step)."""
+    tree = Tree(1)
+    tree.meta[0] = {"task_id": "t-7", "prompt": "Q: 2+3\n"}
+    a, b, c = tree.add_children(0, 0, ["a\n", "b\n", "c\n"], [0.5, 0.3, 0.2], [0.0] * 3, [False] * 3)
+    stats(tree, 0, 6, 0.75)
+    stats(tree, a, 2, 0.5)
+    stats(tree, b, 3, 1.0)
+    d, e = tree.add_children(0, b, ["#### 5\n", "x\ny\n"], [0.6, 0.4], [1.0, 0.0], [True, False])
+    stats(tree, d, 2, 1.0)
+    stats(tree, e, 1, 0.0)
+    tree.set_critic([0], [d], [0.9])
+    return tree
+
+
+def test_format_tree_exact():
+    assert format_tree(built()).splitlines() == [
+        "tree 0 · t-7 · 6 nodes, depth 2, 6 simulations",
+        "Q: 2+3",
+        "* N 6  Q +0.750  (root)",
+        "├─* N 3  Q +1.000  P 0.30  b",
+        "│   ├─* N 2  Q +1.000  P 0.60  r 1  C 0.90  END  #### 5",
+        "│   └─  N 1  Q +0.000  P 0.40  x⏎y",
+        "├─  N 2  Q +0.500  P 0.50  a",
+        "└─  N 0  Q -  P 0.20  c",
+    ]
+    # in tree order, the principal variation still marked
+    assert format_tree(built(), order="index").splitlines()[3:6] == [
+        "├─  N 2  Q +0.500  P 0.50  a",
+        "├─* N 3  Q +1.000  P 0.30  b",
+        "│   ├─* N 2  Q +1.000  P 0.60  r 1  C 0.90  END  #### 5",
+    ]
+
+
+def test_format_tree_limits_count_what_they_hide():
+    lines = format_tree(built(), max_depth=1, max_children=1).splitlines()
+    assert lines[3:] == ["├─* N 3  Q +1.000  P 0.30  b", "│   └─ … 2 nodes below",
+                         "└─ … 2 more children (2 nodes, 2 visits)"]
+    assert format_tree(built(), max_depth=0).splitlines()[3:] == ["└─ … 5 nodes below"]
+    sub = format_tree(built(), node=2).splitlines()  # the subtree of b
+    assert sub[1] == "subtree of node 2 (depth 1)" and sub[3] == "* N 3  Q +1.000  b" and len(sub) == 6
+
+
+def test_long_steps_are_cut_to_the_width():
+    tree = built()
+    tree.texts[0][1] = "z" * 500
+    line = next(x for x in format_tree(tree, width=60).splitlines() if "zzz" in x)
+    assert len(line) == 60 and line.endswith("z…")
+
+
+def test_principal_variation_ties_and_unvisited():
+    tree = built()
+    assert principal_variation(tree) == [0, 2, 4]
+    stats(tree, 1, 3, 1.0)  # a ties b on visits and Q: the earlier child wins
+    assert principal_variation(tree)[:2] == [0, 1]
+    stats(tree, 1, 3, 0.9)  # equal visits, lower Q
+    assert principal_variation(tree)[:2] == [0, 2]
+    fresh = Tree(1)
+    fresh.add_children(0, 0, ["p", "q"], [0.5, 0.5], [0.0, 0.0], [False, False])
+    assert principal_variation(fresh) == [0]  # no visited child
+
+
+def test_deep_trees_need_no_recursion():
+    tree = Tree(1, capacity=4)
+    node = 0
+    for _ in range(1500):  # deeper than the recursion limit
+        node = tree.add_children(0, node, ["s\n"], [1.0], [0.0], [False])[0]
+    tree.visits[0, : tree.node_count[0]] = 1
+    lines = format_tree(tree).splitlines()
+    assert len(lines) == 1501 + 1 and lines[-1].endswith("s")  # header + one line per node
+    assert np.array_equal(principal_variation(tree), np.arange(1501))
+
+
+def test_bad_arguments_say_what_is_allowed():
+    with pytest.raises(IndexError, match="holds 1 trees"):
+        format_tree(built(), 1)
+    with pytest.raises(IndexError, match="6 nodes"):
+        format_tree(built(), node=9)
+    with pytest.raises(ValueError, match="'visits' or 'index'"):
+        format_tree(built(), order="q")
+    with pytest.raises(ValueError, match="max_children must be >= 1"):
+        format_tree(built(), max_children=0)
+    assert "6 nodes" in repr(built()) and "format_tree" in repr(built())
