@@ -42,6 +42,8 @@ def finish_run(run: Path, rows: list[dict], console: Console, wall: float, model
         **{k: rows[-1][k] for k in ("gained_vs_start", "lost_vs_start", "mcnemar_p") if k in rows[-1]},
     })
     console.print(f"wrote {run}/metrics.jsonl, curves.png, summary.json ({wall:.0f}s in all)")
+    if any(run.glob("iter_*/trees.json")):
+        console.print(f"look at the search trees: engine show {run}")
 
 
 def _plot(run: Path, rows: list[dict]) -> None:

@@ -40,10 +40,12 @@ class ShowArgs:
     """With --task: levels shown below the root (deeper nodes are counted); default: all."""
     children: int | None = None
     """With --task: children shown per node (the rest are counted); default: all."""
-    order: Literal["visits", "index"] = "visits"
-    """With --task: children most visited first, or in the order the search added them."""
+    order: Literal["visits", "index"] | None = None
+    """With --task: children most visited first (the default), or in the order the search added them."""
     limit: int = 20
     """Without --task: trees listed in the table (0: none)."""
+    width: int | None = None
+    """Columns per line; default: the terminal's, or 160 when the output is not a terminal."""
 
 
 def searched_iterations(run: str | Path) -> list[int]:
@@ -52,7 +54,7 @@ def searched_iterations(run: str | Path) -> list[int]:
     found = []
     for d in run.iterdir() if run.is_dir() else ():
         m = _ITER.match(d.name)
-        if m and (d / "trees.json").is_file():
+        if m and d.name == f"iter_{int(m.group(1)):03d}" and (d / "trees.json").is_file():
             found.append(int(m.group(1)))
     return sorted(found)
 
@@ -81,6 +83,9 @@ def load_trees(run: str | Path, iteration: int | None = None):
                          f"iterations with trees: {', '.join(map(str, done))}")
     file = path / f"iter_{iteration:03d}" / "trees.json"
     data = read_json(file)
+    if data == []:
+        raise UsageError(f"{file} holds no trees (an empty list); restore it from a backup or search that "
+                         "iteration again")
     try:
         return trees_from_dicts(data)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -88,19 +93,35 @@ def load_trees(run: str | Path, iteration: int | None = None):
                          "restore it from a backup or search that iteration again") from None
 
 
-def _find_task(tree, task: str) -> int:
-    ids = [str((m or {}).get("task_id", b)) for b, m in enumerate(tree.meta)]
+def _task_ids(tree) -> list[str]:
+    return [str((m or {}).get("task_id", b)) for b, m in enumerate(tree.meta)]
+
+
+def _find_task(tree, task: str, run, iteration: int) -> int:
+    """Tree ``task`` (a task id or an index) of ``tree``, iteration ``iteration`` of ``run``."""
+    from engine.run_dir import read_json
+
+    ids = _task_ids(tree)
     if task in ids:
         return ids.index(task)
     if task.lstrip("-").isdigit():
         b = int(task)
         if 0 <= b < tree.batch_size:
             return b
-        raise UsageError(f"--task {task}: out of range; this iteration has {tree.batch_size} trees "
+        raise UsageError(f"--task {task}: out of range; iteration {iteration} has {tree.batch_size} trees "
                          f"(0..{tree.batch_size - 1})")
+    elsewhere = []
+    for it in searched_iterations(run):
+        if it != iteration:
+            data = read_json(Path(run) / f"iter_{it:03d}" / "trees.json")
+            if any(isinstance(d, dict) and (d.get("meta") or {}).get("task_id") == task for d in data):
+                elsewhere.append(it)
+    if elsewhere:
+        raise UsageError(f"--task {task}: not searched in iteration {iteration}; it was in iteration "
+                         f"{', '.join(map(str, elsewhere))} (--iteration {elsewhere[0]})")
     close = difflib.get_close_matches(task, ids, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {ids[0]}"
-    raise UsageError(f"--task {task}: no tree has that task id or index{hint}")
+    raise UsageError(f"--task {task}: no tree of iteration {iteration} has that task id or index{hint}")
 
 
 def _run_min_q_gap(run) -> float:
@@ -125,23 +146,34 @@ def _best_return(tree, b: int) -> float | None:
 def show(args: ShowArgs, console) -> int:
     """Print what ``args`` asks for on ``console`` (a rich Console)."""
     from rich import box
+    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     from search import format_tree, principal_variation, tree_summary
+    from search.view import one_line
 
     for name in ("depth", "children", "limit", "iteration"):
         value = getattr(args, name)
         least = 1 if name in ("children", "iteration") else 0
         if value is not None and value < least:
             raise UsageError(f"--{name} must be at least {least}, got {value}")
+    if args.width is not None and args.width < 40:
+        raise UsageError(f"--width must be at least 40, got {args.width}")
+    if args.task is None:
+        given = [f"--{k}" for k in ("depth", "children", "order") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only for the view of one tree; add --task ID, or drop "
+                             f"{'it' if len(given) == 1 else 'them'}")
+    if args.width is not None or not console.is_terminal:
+        console = Console(width=args.width or 160, file=console.file)
     tree = load_trees(args.run, args.iteration)
     iteration = args.iteration or searched_iterations(args.run)[-1]
     if args.task is not None:
-        b = _find_task(tree, args.task)
+        b = _find_task(tree, args.task, args.run, iteration)
         console.print(Text(f"iteration {iteration}"))
         console.print(Text(format_tree(tree, b, max_depth=args.depth, max_children=args.children,
-                                       order=args.order, width=max(console.width, 60))), soft_wrap=True)
+                                       order=args.order or "visits", width=console.width)), soft_wrap=True)
         return 0
     gap = _run_min_q_gap(args.run)
     s = tree_summary(tree, min_q_gap=gap)
@@ -154,17 +186,18 @@ def show(args: ShowArgs, console) -> int:
         return 0
     table = Table(box=box.SIMPLE_HEAD)
     for name in ("#", "task", "nodes", "depth", "N", "Q", "best"):
-        table.add_column(name, no_wrap=name != "task", overflow="fold", justify="left" if name == "task" else "right")
-    table.add_column("most visited path's last step", overflow="fold")
+        table.add_column(name, no_wrap=True, justify="left" if name == "task" else "right")
+    table.add_column("ends with", overflow="fold", min_width=8)
     for b in range(min(args.limit, tree.batch_size)):
         n = int(tree.node_count[b])
         pv = principal_variation(tree, b)
-        end = tree.texts[b][pv[-1]].strip().replace("\n", "⏎") if len(pv) > 1 else ""
-        table.add_row(str(b), Text(str((tree.meta[b] or {}).get("task_id", ""))), str(n),
+        end = one_line(tree.texts[b][pv[-1]].strip()) if len(pv) > 1 else ""
+        table.add_row(str(b), Text(one_line(str((tree.meta[b] or {}).get("task_id", "")))), str(n),
                       str(int(tree.depth[b, :n].max())), str(int(tree.visits[b, 0])), f"{tree.q(b, 0):+.3f}",
                       "-" if best[b] is None else f"{best[b]:g}", Text(end))
     console.print(table)
-    console.print(Text("best: the highest return of a root-to-end path in the tree (- when none ends there)"))
+    console.print(Text("best: the highest return of a root-to-end path in the tree (- when none ends there); "
+                       "ends with: the last step of the most visited path (marked * by --task)"))
     if tree.batch_size > args.limit:
         console.print(Text(f"… {tree.batch_size - args.limit} more (--limit N lists more); "
                            f"engine show {args.run} --task ID shows one tree node by node"))

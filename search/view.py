@@ -9,18 +9,20 @@
     ...
 
 ``*`` marks the principal variation: from the root, the most visited child at each level (ties
-to the higher Q, then the earlier child), the path a committed search takes.
+to the higher prior, then the earlier child), chosen as MCTS-DPO's step commit chooses
+(:func:`search.mcts`'s ``commit_every``), here on the finished tree.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 
 import numpy as np
 
 from search.tree import ROOT_INDEX, Tree
 
-__all__ = ["format_tree", "principal_variation"]
+__all__ = ["format_tree", "one_line", "principal_variation"]
 
 
 def _stats(tree: Tree, b: int):
@@ -32,12 +34,13 @@ def _stats(tree: Tree, b: int):
 
 def principal_variation(tree: Tree, b: int = 0, node: int = ROOT_INDEX) -> list[int]:
     """The nodes from ``node`` down, taking the most visited child at each level (ties to the
-    higher Q, then the lower index) until a node without a visited child."""
-    visits, q = _stats(tree, b)
+    higher prior, then the lower index: the step commit's rule) until a node without a visited
+    child."""
+    visits, prior = tree.visits[b], tree.prior[b]
     path = [node]
     while tree.num_children[b, node] > 0:
         kids = tree.children(b, node)
-        best = max(kids, key=lambda c: (visits[c], q[c], -c))
+        best = max(kids, key=lambda c: (visits[c], prior[c], -c))
         if visits[best] == 0:
             break
         path.append(best)
@@ -60,19 +63,34 @@ def _count(k: int, one: str, many: str) -> str:
     return f"{k} {one if k == 1 else many}"
 
 
-def _step_text(text: str, room: int) -> str:
-    """A step on one line: its line breaks shown as ``⏎`` (a trailing one dropped), cut to
-    ``room`` characters with ``…``."""
+def _cells(ch: str) -> int:
+    """Terminal columns a character takes (wide East Asian characters two)."""
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def one_line(text: str, room: int | None = None) -> str:
+    """``text`` on one line for a terminal: line breaks shown as ``⏎`` (a trailing one dropped),
+    tabs as spaces, other control characters (terminal escape sequences included) as ``\\xNN``
+    escapes, cut to ``room`` terminal columns (at least 8) with ``…``; ``""`` for an empty text."""
     text = text[:-1] if text.endswith("\n") else text
-    text = text.replace("\r", "").replace("\n", "⏎")
+    text = "".join("⏎" if ch == "\n" else " " if ch == "\t" else ch if ch.isprintable() else
+                   f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}" for ch in text.replace("\r\n", "\n"))
     if not text:
         return '""'
-    room = max(room, 8)
-    return text if len(text) <= room else text[: room - 1] + "…"
+    if room is None:
+        return text
+    room, used = max(room, 8) - 1, 0  # one column for the …
+    if sum(map(_cells, text)) <= room + 1:
+        return text
+    for i, ch in enumerate(text):
+        used += _cells(ch)
+        if used > room:
+            return text[:i] + "…"
+    return text
 
 
 def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None,
-                max_children: int | None = None, order: str = "visits", width: int = 100) -> str:
+                max_children: int | None = None, order: str = "visits", width: int | None = 100) -> str:
     """Tree ``b`` (the subtree of ``node``) as text: a header (tree, its ``meta`` task id and
     prompt when it has them, nodes, depth, the root's visits), then one line per node::
 
@@ -84,8 +102,10 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
 
     ``max_depth``: levels shown below ``node`` (deeper ones summed up as ``… k nodes below``);
     ``max_children``: children shown per node (the rest summed up with their visits);
-    ``order``: children by ``"visits"`` (most first; ties to higher Q, then tree order) or in
-    tree order (``"index"``); ``width``: characters per line, the step texts cut to fit."""
+    ``order``: children by ``"visits"`` (most first; ties as :func:`principal_variation`'s, so
+    that a marked child comes first) or in tree order (``"index"``); ``width``: terminal columns
+    per line, the texts cut to fit (None: never cut). Texts are shown by :func:`one_line`, so
+    that no step can send control sequences to the terminal."""
     if not 0 <= b < tree.batch_size:
         raise IndexError(f"tree {b} out of range: the batch holds {tree.batch_size} trees (0..{tree.batch_size - 1})")
     count = int(tree.node_count[b])
@@ -105,14 +125,14 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
 
     head = f"tree {b}"
     if meta.get("task_id") is not None:
-        head += f" · {meta['task_id']}"
+        head += f" · {one_line(str(meta['task_id']))}"
     deepest = int(tree.depth[b, :count].max()) if count else 0
     head += f" · {count} nodes, depth {deepest}, {int(visits[ROOT_INDEX])} simulations"
     lines = [head]
     if node != ROOT_INDEX:
         lines.append(f"subtree of node {node} (depth {base})")
     if isinstance(meta.get("prompt"), str):
-        lines.append(_step_text(meta["prompt"], width))
+        lines.append(one_line(meta["prompt"], width))
 
     def label(i: int) -> str:
         parts = [f"N {int(visits[i])}", f"Q {q[i]:+.3f}" if visits[i] > 0 else "Q -"]
@@ -129,15 +149,16 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
     def ordered(i: int) -> list[int]:
         kids = list(tree.children(b, i))
         if order == "visits":
-            kids.sort(key=lambda c: (-visits[c], -q[c], c))
+            prior = tree.prior[b]
+            kids.sort(key=lambda c: (-visits[c], -prior[c], c))
         return kids
 
     # depth-first with an explicit stack (trees can be deeper than Python's recursion limit):
     # entries (node, indent of its line, its branch mark) or (summary text, indent, mark)
-    root_text = "(root)" if node == ROOT_INDEX else _step_text(texts[node], width)
     stack: list[tuple[int | str, str, str]] = []
-    star = "* " if node in on_path else "  "
-    lines.append(f"{star}{label(node)}  {root_text}")
+    prefix = f"* {label(node)}  "  # the node heads its own principal variation
+    lines.append(prefix + ("(root)" if node == ROOT_INDEX else
+                           one_line(texts[node], None if width is None else width - len(prefix))))
 
     def push_children(i: int, indent: str) -> None:
         kids = ordered(i)
@@ -164,6 +185,6 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
             continue
         star = "*" if item in on_path else " "
         prefix = f"{indent}{mark}{star} {label(item)}  "
-        lines.append(prefix + _step_text(texts[item], width - len(prefix)))
+        lines.append(prefix + one_line(texts[item], None if width is None else width - len(prefix)))
         push_children(item, indent + ("    " if mark == "└─" else "│   "))
     return "\n".join(lines)

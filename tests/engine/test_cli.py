@@ -43,18 +43,18 @@ def test_train_smoke(tmp_path, trained_model_dir):
         assert rec["chosen_q"] - rec["rejected_q"] >= 0.5 and rec["iteration"] == 1
     assert (it / "model" / "config.json").is_file() and (it / "model" / "tokenizer.json").is_file()
     assert (run / "curves.png").stat().st_size > 1000
-    assert "held-out accuracy" in out.stdout
+    assert "held-out accuracy" in out.stdout and f"engine show {run}" in " ".join(out.stdout.split())
     # engine show: the iteration's trees in a table, then one tree node by node
     shown = run_cli("show", str(run), "--limit", "3")
     assert shown.returncode == 0, shown.stderr
     assert f"iteration 1: 6 trees, {sum(len(t['texts']) for t in trees)} nodes" in " ".join(shown.stdout.split())
-    assert trees[0]["meta"]["task_id"][:8] in shown.stdout and "3 more" in shown.stdout
+    assert all(f" {t['meta']['task_id']} " in shown.stdout for t in trees[:3]) and "3 more" in shown.stdout
     task = trees[2]["meta"]["task_id"]
     shown = run_cli("show", str(run), "--iteration", "1", "--task", task)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[1].startswith(f"tree 2 · {task} · {len(trees[2]['texts'])} nodes")
-    for bad, needle in [(task[:-1] + "#", "did you mean"), ("6", "this iteration has 6 trees (0..5)")]:
+    for bad, needle in [(task[:-1] + "#", "did you mean"), ("6", "iteration 1 has 6 trees (0..5)")]:
         shown = run_cli("show", str(run), "--task", bad)
         assert shown.returncode == 2 and needle in shown.stderr, shown.stderr
     assert len(lines) == 3 + len(trees[2]["texts"]) and lines[3].startswith(f"* N {trees[2]['visits'][0]}  ")
@@ -259,6 +259,9 @@ def test_show_says_what_a_run_directory_holds(tmp_path):
     (tmp_path / "run" / "iter_001" / "trees.json").write_text('[{"texts": [""]}]')
     out = run_cli("show", str(tmp_path / "run"))
     assert out.returncode == 2 and "does not hold search trees" in out.stderr
+    (tmp_path / "run" / "iter_001" / "trees.json").write_text("[]")
+    out = run_cli("show", str(tmp_path / "run"))
+    assert out.returncode == 2 and "holds no trees (an empty list)" in out.stderr
     (tmp_path / "run" / "iter_001" / "trees.json").write_text('[{"texts": [""')
     out = run_cli("show", str(tmp_path / "run"), "--iteration", "1")
     assert out.returncode == 2 and "corrupt or truncated" in out.stderr
@@ -266,5 +269,30 @@ def test_show_says_what_a_run_directory_holds(tmp_path):
     assert out.returncode == 2 and "iteration 4 has no search trees; iterations with trees: 1" in out.stderr
     out = run_cli("show", str(tmp_path / "run"), "--children", "0")
     assert out.returncode == 2 and "--children must be at least 1" in out.stderr
+    out = run_cli("show", str(tmp_path / "run"), "--depth", "2")
+    assert out.returncode == 2 and "--depth: only for the view of one tree; add --task ID" in out.stderr
     with pytest.raises(Exception, match="corrupt or truncated"):
         load_trees(tmp_path / "run")
+
+
+def test_show_finds_a_task_in_the_iteration_that_searched_it(tmp_path):
+    from search import Tree, tree_to_dict
+
+    run = tmp_path / "run"
+    for it, task in [(1, "first"), (2, "second"), (3, "third")]:
+        tree = Tree(1)
+        tree.meta[0] = {"task_id": task, "prompt": "1+1\n"}
+        tree.add_children(0, 0, ["#### 2\n"], [1.0], [1.0], [True])
+        tree.visits[0, :2], tree.value_sum[0, :2] = 1, 1.0
+        (run / f"iter_{it:03d}").mkdir(parents=True)
+        (run / f"iter_{it:03d}" / "trees.json").write_text(json.dumps([tree_to_dict(tree, 0)]))
+    (run / "iter_0004").mkdir()  # not a name the engine writes: ignored
+    (run / "iter_0004" / "trees.json").write_text("[]")
+    out = run_cli("show", str(run), "--task", "first")
+    assert out.returncode == 2 and "not searched in iteration 3; it was in iteration 1 (--iteration 1)" in out.stderr
+    out = run_cli("show", str(run), "--task", "first", "--iteration", "1")
+    assert out.returncode == 0 and out.stdout.splitlines()[:2] == ["iteration 1", "tree 0 · first · 2 nodes, depth 1, "
+                                                                   "1 simulations"]
+    assert out.stdout.splitlines()[-1] == "└─* N 1  Q +1.000  P 1.00  r 1  END  #### 2"
+    out = run_cli("show", str(run))
+    assert out.returncode == 0 and "iteration 3: 1 trees" in out.stdout and " third " in out.stdout

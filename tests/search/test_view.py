@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from search import Tree, format_tree, principal_variation
+from search.view import one_line
 
 
 def stats(tree, node, visits, q):
@@ -62,16 +63,39 @@ def test_long_steps_are_cut_to_the_width():
     assert len(line) == 60 and line.endswith("z…")
 
 
-def test_principal_variation_ties_and_unvisited():
+def test_principal_variation_breaks_ties_as_the_step_commit_does():
+    from search.mcts import _commit
+
+    def committed(tree):
+        roots, stopped = np.zeros(1, np.int64), np.zeros(1, np.bool_)
+        _commit(tree, roots, stopped, max_depth=10)
+        return int(roots[0])
+
     tree = built()
     assert principal_variation(tree) == [0, 2, 4]
-    stats(tree, 1, 3, 1.0)  # a ties b on visits and Q: the earlier child wins
-    assert principal_variation(tree)[:2] == [0, 1]
-    stats(tree, 1, 3, 0.9)  # equal visits, lower Q
-    assert principal_variation(tree)[:2] == [0, 2]
+    stats(tree, 1, 3, 0.0)  # a ties b on visits with a lower Q but a higher prior (0.5 against 0.3)
+    assert principal_variation(tree)[:2] == [0, 1] == [0, committed(tree)]
+    assert format_tree(tree).splitlines()[3].startswith("├─* N 3  Q +0.000  P 0.50  a")  # listed first
+    tree.prior[0, 1] = 0.3  # equal priors too: the earlier child
+    assert principal_variation(tree)[:2] == [0, 1] == [0, committed(tree)]
+    tree.prior[0, 1] = 0.2
+    assert principal_variation(tree) == [0, 2, 4] and committed(tree) == 2
     fresh = Tree(1)
     fresh.add_children(0, 0, ["p", "q"], [0.5, 0.5], [0.0, 0.0], [False, False])
-    assert principal_variation(fresh) == [0]  # no visited child
+    assert principal_variation(fresh) == [0] and committed(fresh) == 0  # no visited child: no step
+
+
+def test_one_line_neutralises_control_characters_and_counts_columns():
+    assert one_line("a\tb\x1b[2Jc\x07\r\nd\n") == "a b\\x1b[2Jc\\x07⏎d"
+    assert one_line("") == '""' and one_line("\n") == '""'
+    wide = "数" * 20  # two columns each
+    cut = one_line(wide, 11)
+    assert cut == "数" * 5 + "…" and one_line(wide, 40) == wide
+    assert one_line("x" * 30, 3) == "x" * 7 + "…"  # at least 8 columns
+    tree = built()
+    tree.texts[0][1] = "\x1b]0;title\x07" + "y" * 300
+    text = format_tree(tree, width=None)
+    assert "\x1b" not in text and "\x07" not in text and "y" * 300 in text
 
 
 def test_deep_trees_need_no_recursion():
