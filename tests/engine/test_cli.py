@@ -244,35 +244,31 @@ def test_config_file_problems_are_all_reported_at_once(tmp_path):
     assert not runs.exists()
 
 
-def test_show_says_what_a_run_directory_holds(tmp_path):
+def test_show_says_what_a_run_directory_holds(tmp_path, capsys):
+    from engine.cli import main
     from engine.show import load_trees
 
-    out = run_cli("show", str(tmp_path / "nope"))
-    assert out.returncode == 2 and "no such run directory" in out.stderr
-    (tmp_path / "run" / "iter_001").mkdir(parents=True)
-    (tmp_path / "run" / "config.json").write_text("{}")
-    out = run_cli("show", str(tmp_path / "run"))
-    assert out.returncode == 2 and "no search trees yet (a run directory)" in out.stderr
-    (tmp_path / "run" / "iter_001" / "samples.jsonl").write_text("")
-    out = run_cli("show", str(tmp_path / "run"))
-    assert out.returncode == 2 and "a code run samples completions" in out.stderr
-    (tmp_path / "run" / "iter_001" / "trees.json").write_text('[{"texts": [""]}]')
-    out = run_cli("show", str(tmp_path / "run"))
-    assert out.returncode == 2 and "does not hold search trees" in out.stderr
-    (tmp_path / "run" / "iter_001" / "trees.json").write_text("[]")
-    out = run_cli("show", str(tmp_path / "run"))
-    assert out.returncode == 2 and "holds no trees (an empty list)" in out.stderr
-    (tmp_path / "run" / "iter_001" / "trees.json").write_text('[{"texts": [""')
-    out = run_cli("show", str(tmp_path / "run"), "--iteration", "1")
-    assert out.returncode == 2 and "corrupt or truncated" in out.stderr
-    out = run_cli("show", str(tmp_path / "run"), "--iteration", "4")
-    assert out.returncode == 2 and "iteration 4 has no search trees; iterations with trees: 1" in out.stderr
-    out = run_cli("show", str(tmp_path / "run"), "--children", "0")
-    assert out.returncode == 2 and "--children must be at least 1" in out.stderr
-    out = run_cli("show", str(tmp_path / "run"), "--depth", "2")
-    assert out.returncode == 2 and "--depth: only for the view of one tree; add --task ID" in out.stderr
+    run = tmp_path / "run"
+    trees = run / "iter_001" / "trees.json"
+    steps = [  # (what to write where, or None; the arguments after the run; what the error says)
+        (None, [], "no such run directory"),
+        ((run / "config.json", "{}"), [], "no search trees yet (a run directory)"),
+        ((run / "iter_001" / "samples.jsonl", ""), [], "a code run samples completions"),
+        ((trees, '[{"texts": [""]}]'), [], "does not hold search trees"),
+        ((trees, "[]"), [], "holds no trees (an empty list)"),
+        ((trees, '[{"texts": [""'), ["--iteration", "1"], "corrupt or truncated"),
+        (None, ["--iteration", "4"], "iteration 4 has no search trees; iterations with trees: 1"),
+        (None, ["--children", "0"], "--children must be at least 1"),
+        (None, ["--depth", "2"], "--depth: only for the view of one tree; add --task ID"),
+    ]
+    for write, args, needle in steps:
+        if write is not None:
+            write[0].parent.mkdir(parents=True, exist_ok=True)
+            write[0].write_text(write[1])
+        assert main(["show", str(run), *args]) == 2
+        assert needle in capsys.readouterr().err
     with pytest.raises(Exception, match="corrupt or truncated"):
-        load_trees(tmp_path / "run")
+        load_trees(run)
 
 
 def test_show_finds_a_task_in_the_iteration_that_searched_it(tmp_path):

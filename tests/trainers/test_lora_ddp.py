@@ -91,8 +91,12 @@ def test_two_processes_ddp_gloo_end_with_identical_weights(tmp_path, tiny_random
     model, tok = build()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     train_dpo(model, tok, RECORDS, DPOConfig(lr=1e-2, epochs=1, batch_size=16, warmup_steps=1))
+    # Adam's first step moves each weight by about lr (1e-2) times the sign of its gradient, so a
+    # rank that missed the all-reduce would be off by ~1e-2 on many weights. Only weights whose
+    # gradient is near Adam's eps feel the other summation order of two processes (1.1e-5 on one
+    # CPU): hence 1% of lr.
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(a["state"][k], v, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a["state"][k], v, atol=1e-4, rtol=0)
     assert any(not torch.equal(init[k], a["state"][k]) for k in init)
 
 
