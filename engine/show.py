@@ -46,6 +46,8 @@ class ShowArgs:
     """Without --task: trees listed in the table (0: none)."""
     width: int | None = None
     """Columns per line; default: the terminal's, or 160 when the output is not a terminal."""
+    plot: str | None = None
+    """With --task: also draw the tree (down to --depth) into this image file (.png, .svg or .pdf)."""
 
 
 def searched_iterations(run: str | Path) -> list[int]:
@@ -124,6 +126,39 @@ def _find_task(tree, task: str, run, iteration: int) -> int:
     raise UsageError(f"--task {task}: no tree of iteration {iteration} has that task id or index{hint}")
 
 
+_PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def _check_plot_path(path: str) -> None:
+    file = Path(path)
+    if file.suffix.lower() not in _PLOT_FORMATS:
+        raise UsageError(f"--plot {path}: give a file ending in {', '.join(_PLOT_FORMATS)}")
+    if not file.parent.is_dir():
+        raise UsageError(f"--plot {path}: no directory {file.parent}; create it first")
+
+
+def _plot(tree, b: int, depth: int | None, path: str) -> None:
+    """Draw tree ``b`` into ``path`` (written whole or not at all)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from search import plot_tree
+
+    ax = plot_tree(tree, b, max_depth=depth)
+    file = Path(path)
+    tmp = file.with_name(f".{file.name}.tmp")
+    try:
+        ax.figure.savefig(tmp, format=file.suffix.lower()[1:], dpi=110, bbox_inches="tight")
+        tmp.replace(file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"--plot {path}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        plt.close(ax.figure)
+
+
 def _run_min_q_gap(run) -> float:
     """The run's ``--min-q-gap`` (from its config.json; the default where it has none)."""
     import json
@@ -161,10 +196,12 @@ def show(args: ShowArgs, console) -> int:
     if args.width is not None and args.width < 40:
         raise UsageError(f"--width must be at least 40, got {args.width}")
     if args.task is None:
-        given = [f"--{k}" for k in ("depth", "children", "order") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("depth", "children", "order", "plot") if getattr(args, k) is not None]
         if given:
             raise UsageError(f"{', '.join(given)}: only for the view of one tree; add --task ID, or drop "
                              f"{'it' if len(given) == 1 else 'them'}")
+    if args.plot is not None:
+        _check_plot_path(args.plot)
     if args.width is not None or not console.is_terminal:
         console = Console(width=args.width or 160, file=console.file)
     tree = load_trees(args.run, args.iteration)
@@ -174,6 +211,9 @@ def show(args: ShowArgs, console) -> int:
         console.print(Text(f"iteration {iteration}"))
         console.print(Text(format_tree(tree, b, max_depth=args.depth, max_children=args.children,
                                        order=args.order or "visits", width=console.width)), soft_wrap=True)
+        if args.plot is not None:
+            _plot(tree, b, args.depth, args.plot)
+            console.print(Text(f"wrote {args.plot}"))
         return 0
     gap = _run_min_q_gap(args.run)
     s = tree_summary(tree, min_q_gap=gap)

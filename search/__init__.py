@@ -28,7 +28,7 @@ from search.mcts import back_up, expand_nodes, mcts, mcts_streamed, merge_candid
 from search.tot import SampleFn, sample_trajectories, tot_bfs, tot_dfs
 from search.tree import NO_PARENT, ROOT_INDEX, Tree
 from search.types import Candidate, EvaluateFn, ExpandFn, ProgressFn, StartFn, WaitFn
-from search.view import format_tree, principal_variation
+from search.view import format_tree, one_line, plot_tree, principal_variation, tree_layout
 
 __all__ = [
     "NO_PARENT",
@@ -60,7 +60,10 @@ __all__ = [
     "extract_sibling_lists",
     "extract_trajectories",
     "format_tree",
+    "one_line",
+    "plot_tree",
     "principal_variation",
+    "tree_layout",
     "tree_summary",
     "mcts",
     "mcts_streamed",

@@ -22,7 +22,7 @@ import numpy as np
 
 from search.tree import ROOT_INDEX, Tree
 
-__all__ = ["format_tree", "one_line", "principal_variation"]
+__all__ = ["format_tree", "one_line", "plot_tree", "principal_variation", "tree_layout"]
 
 
 def _stats(tree: Tree, b: int):
@@ -188,3 +188,101 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
         lines.append(prefix + one_line(texts[item], None if width is None else width - len(prefix)))
         push_children(item, indent + ("    " if mark == "└─" else "│   "))
     return "\n".join(lines)
+
+
+def _shown(tree: Tree, b: int, node: int, max_depth: int | None) -> list[int]:
+    """``node`` and its descendants down to ``max_depth`` levels below it, depth first in tree order."""
+    base = int(tree.depth[b, node])
+    out, stack = [], [node]
+    while stack:
+        i = stack.pop()
+        out.append(i)
+        if max_depth is None or tree.depth[b, i] - base < max_depth:
+            stack.extend(reversed(tree.children(b, i)))
+    return out
+
+
+def tree_layout(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None) -> dict[int, tuple]:
+    """Positions for drawing the subtree of ``node`` (down to ``max_depth`` levels below it):
+    ``{node: (x, y)}`` with ``y`` = minus the depth below ``node``, the leaves at x = 0, 1, 2...
+    in depth-first tree order, and each parent centred over its first and last child, so that no
+    two edges cross."""
+    shown = _shown(tree, b, node, max_depth)
+    kept = set(shown)
+    kids = {i: [c for c in tree.children(b, i) if c in kept] for i in shown}
+    x: dict[int, float] = {}
+    for i in shown:  # depth first: the leaves from left to right
+        if not kids[i]:
+            x[i] = float(len(x))
+    for i in reversed(shown):  # children before their parents
+        if kids[i]:
+            x[i] = (x[kids[i][0]] + x[kids[i][-1]]) / 2
+    base = int(tree.depth[b, node])
+    return {i: (x[i], float(base - tree.depth[b, i])) for i in shown}
+
+
+def plot_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None, ax=None,
+              labels: bool | None = None, cmap: str = "RdYlGn"):
+    """Tree ``b`` (the subtree of ``node``, down to ``max_depth`` levels) drawn with matplotlib on
+    ``ax`` (default: a new pyplot figure), laid out by :func:`tree_layout`: one marker per node,
+    its area growing with the node's visits and its colour its Q (``cmap`` over the Q range of the
+    visited nodes shown, with a colour bar; unvisited nodes grey), terminal steps as squares with a
+    black edge; the principal variation's edges drawn dark and thick. ``labels``: each node's step
+    text (cut to 14 columns) beside it; by default when at most 40 nodes are shown. Returns the
+    Axes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+
+    if not 0 <= node < int(tree.node_count[b]):
+        raise IndexError(f"node {node} out of range: tree {b} has {int(tree.node_count[b])} nodes")
+    pos = tree_layout(tree, b, node=node, max_depth=max_depth)
+    shown = list(pos)
+    visits, q = _stats(tree, b)
+    show_labels = labels or (labels is None and len(shown) <= 40)
+    if ax is None:
+        leaves = 1 + max(x for x, _ in pos.values())
+        _, ax = plt.subplots(figsize=(min(4 + (0.6 if show_labels else 0.3) * leaves, 24),
+                                      2 + 0.9 * (1 - min(y for _, y in pos.values()))))
+    pv = set(principal_variation(tree, b, node))
+    edges = [(i, int(tree.parent[b, i])) for i in shown if i != node]
+    ax.add_collection(LineCollection([(pos[p], pos[i]) for i, p in edges if not (i in pv and p in pv)],
+                                     colors="0.75", linewidths=1, zorder=1))
+    ax.add_collection(LineCollection([(pos[p], pos[i]) for i, p in edges if i in pv and p in pv],
+                                     colors="0.15", linewidths=2.5, zorder=1, label="most visited path"))
+    visited = [i for i in shown if visits[i] > 0]
+    lo, hi = (min(q[visited]), max(q[visited])) if visited else (0.0, 1.0)
+    norm = Normalize(lo, hi if hi > lo else lo + 1)
+    top = max(1, int(visits[shown].max()))
+    for terminal, marker in ((False, "o"), (True, "s")):
+        group = [i for i in shown if bool(tree.terminal[b, i]) == terminal]
+        if not group:
+            continue
+        seen = [i for i in group if visits[i] > 0]
+        unseen = [i for i in group if visits[i] == 0]
+        size = lambda ids: [30 + 270 * np.sqrt(visits[i] / top) for i in ids]  # noqa: E731
+        edge = "black" if terminal else "none"
+        if seen:
+            ax.scatter([pos[i][0] for i in seen], [pos[i][1] for i in seen], s=size(seen), c=q[seen],
+                                cmap=cmap, norm=norm, marker=marker, edgecolors=edge, zorder=2)
+        if unseen:
+            ax.scatter([pos[i][0] for i in unseen], [pos[i][1] for i in unseen], s=size(unseen), c="0.85",
+                       marker=marker, edgecolors=edge, zorder=2)
+    if visited:
+        ax.figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="Q", shrink=0.8)
+    if show_labels:
+        for i in shown:
+            if i != ROOT_INDEX:
+                ax.annotate(one_line(tree.texts[b][i], 14), pos[i], xytext=(5, -5), textcoords="offset points",
+                            fontsize=7, rotation=-35, rotation_mode="anchor", ha="left", va="top", zorder=3)
+    meta = tree.meta[b] or {}
+    ax.set_title(f"tree {b}" + (f" · {one_line(str(meta['task_id']), 60)}" if meta.get("task_id") is not None
+                                else "") + f" · {len(shown)} of {int(tree.node_count[b])} nodes", fontsize=9)
+    ax.set_ylabel("depth")
+    depths = sorted({int(-y) for _, y in pos.values()})
+    base = int(tree.depth[b, node])
+    ax.set_yticks([-d for d in depths], [str(base + d) for d in depths])
+    ax.set_xticks([])
+    ax.margins(0.08)
+    ax.autoscale_view()
+    return ax

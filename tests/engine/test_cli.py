@@ -50,14 +50,15 @@ def test_train_smoke(tmp_path, trained_model_dir):
     assert f"iteration 1: 6 trees, {sum(len(t['texts']) for t in trees)} nodes" in " ".join(shown.stdout.split())
     assert all(f" {t['meta']['task_id']} " in shown.stdout for t in trees[:3]) and "3 more" in shown.stdout
     task = trees[2]["meta"]["task_id"]
-    shown = run_cli("show", str(run), "--iteration", "1", "--task", task)
+    shown = run_cli("show", str(run), "--iteration", "1", "--task", task, "--plot", str(tmp_path / "t.svg"))
     assert shown.returncode == 0, shown.stderr
+    assert (tmp_path / "t.svg").read_text().startswith("<?xml") and shown.stdout.endswith(f"wrote {tmp_path}/t.svg\n")
     lines = shown.stdout.splitlines()
     assert lines[1].startswith(f"tree 2 · {task} · {len(trees[2]['texts'])} nodes")
     for bad, needle in [(task[:-1] + "#", "did you mean"), ("6", "iteration 1 has 6 trees (0..5)")]:
         shown = run_cli("show", str(run), "--task", bad)
         assert shown.returncode == 2 and needle in shown.stderr, shown.stderr
-    assert len(lines) == 3 + len(trees[2]["texts"]) and lines[3].startswith(f"* N {trees[2]['visits'][0]}  ")
+    assert len(lines) == 4 + len(trees[2]["texts"]) and lines[3].startswith(f"* N {trees[2]['visits'][0]}  ")
 
 
 def test_train_tpo_with_lora_writes_lists_and_trainer_metrics(tmp_path, trained_model_dir):
@@ -260,6 +261,8 @@ def test_show_says_what_a_run_directory_holds(tmp_path, capsys):
         (None, ["--iteration", "4"], "iteration 4 has no search trees; iterations with trees: 1"),
         (None, ["--children", "0"], "--children must be at least 1"),
         (None, ["--depth", "2"], "--depth: only for the view of one tree; add --task ID"),
+        (None, ["--task", "0", "--plot", str(tmp_path / "t.jpg")], "give a file ending in .png, .svg, .pdf"),
+        (None, ["--task", "0", "--plot", str(tmp_path / "no" / "t.png")], "create it first"),
     ]
     for write, args, needle in steps:
         if write is not None:

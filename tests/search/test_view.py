@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from search import Tree, format_tree, principal_variation
+from search import Tree, format_tree, plot_tree, principal_variation, tree_layout
 from search.view import one_line
 
 
@@ -119,3 +119,37 @@ def test_bad_arguments_say_what_is_allowed():
     with pytest.raises(ValueError, match="max_children must be >= 1"):
         format_tree(built(), max_children=0)
     assert "6 nodes" in repr(built()) and "format_tree" in repr(built())
+
+
+def test_tree_layout_puts_leaves_in_order_and_parents_over_their_children():
+    assert tree_layout(built()) == {0: (1.5, 0.0), 1: (0.0, -1.0), 2: (1.5, -1.0), 4: (1.0, -2.0),
+                                    5: (2.0, -2.0), 3: (3.0, -1.0)}
+    assert tree_layout(built(), max_depth=1) == {0: (1.0, 0.0), 1: (0.0, -1.0), 2: (1.0, -1.0), 3: (2.0, -1.0)}
+    assert tree_layout(built(), node=2) == {2: (0.5, 0.0), 4: (0.0, -1.0), 5: (1.0, -1.0)}
+
+
+def test_plot_tree_draws_every_node_edge_and_the_most_visited_path(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection, PathCollection
+
+    tree = built()
+    ax = plot_tree(tree)
+    points = [c for c in ax.collections if isinstance(c, PathCollection)]
+    drawn = sorted(tuple(map(float, xy)) for c in points for xy in c.get_offsets())
+    assert drawn == sorted(tree_layout(tree).values())
+    lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert sorted(len(c.get_segments()) for c in lines) == [2, 3]  # 5 edges, 2 of them the most visited path
+    thick = next(c for c in lines if c.get_label() == "most visited path")
+    assert sorted(tuple(map(tuple, seg.tolist())) for seg in thick.get_segments()) == [
+        ((1.5, -1.0), (1.0, -2.0)), ((1.5, 0.0), (1.5, -1.0))]
+    assert sorted(t.get_text() for t in ax.texts) == ["#### 5", "a", "b", "c", "x⏎y"]
+    grey = [c for c in points if len(c.get_offsets()) == 1 and tuple(c.get_offsets()[0]) == (3.0, -1.0)]
+    assert len(grey) == 1 and grey[0].get_array() is None  # the unvisited child: a fixed grey, not a Q colour
+    ax.figure.savefig(tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plt.close("all")
+    assert len(plot_tree(tree, max_depth=1, labels=False).texts) == 0
+    plt.close("all")
