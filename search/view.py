@@ -59,6 +59,28 @@ def _subtree_sizes(tree: Tree, b: int) -> np.ndarray:
     return size
 
 
+def _check(tree: Tree, b: int, node: int, max_depth: int | None, order: str) -> None:
+    if not 0 <= b < tree.batch_size:
+        raise IndexError(f"tree {b} out of range: the batch holds {tree.batch_size} trees (0..{tree.batch_size - 1})")
+    count = int(tree.node_count[b])
+    if not 0 <= node < count:
+        raise IndexError(f"node {node} out of range: tree {b} has {count} nodes (0..{count - 1})")
+    if order not in ("visits", "index"):
+        raise ValueError(f"order must be 'visits' or 'index', got {order!r}")
+    if max_depth is not None and max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0 or None, got {max_depth}")
+
+
+def _ordered(tree: Tree, b: int, node: int, order: str) -> list[int]:
+    """``node``'s children: most visited first (ties as :func:`principal_variation`'s, so that a
+    marked child comes first) for ``"visits"``, in tree order for ``"index"``."""
+    kids = list(tree.children(b, node))
+    if order == "visits":
+        visits, prior = tree.visits[b], tree.prior[b]
+        kids.sort(key=lambda c: (-visits[c], -prior[c], c))
+    return kids
+
+
 def _count(k: int, one: str, many: str) -> str:
     return f"{k} {one if k == 1 else many}"
 
@@ -72,9 +94,10 @@ def one_line(text: str, room: int | None = None) -> str:
     """``text`` on one line for a terminal: line breaks shown as ``⏎`` (a trailing one dropped),
     tabs as spaces, other control characters (terminal escape sequences included) as ``\\xNN``
     escapes, cut to ``room`` terminal columns (at least 8) with ``…``; ``""`` for an empty text."""
+    text = text.replace("\r\n", "\n")
     text = text[:-1] if text.endswith("\n") else text
     text = "".join("⏎" if ch == "\n" else " " if ch == "\t" else ch if ch.isprintable() else
-                   f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}" for ch in text.replace("\r\n", "\n"))
+                   f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}" for ch in text)
     if not text:
         return '""'
     if room is None:
@@ -106,16 +129,10 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
     that a marked child comes first) or in tree order (``"index"``); ``width``: terminal columns
     per line, the texts cut to fit (None: never cut). Texts are shown by :func:`one_line`, so
     that no step can send control sequences to the terminal."""
-    if not 0 <= b < tree.batch_size:
-        raise IndexError(f"tree {b} out of range: the batch holds {tree.batch_size} trees (0..{tree.batch_size - 1})")
+    _check(tree, b, node, max_depth, order)
+    if max_children is not None and max_children < 1:
+        raise ValueError(f"max_children must be >= 1 or None, got {max_children}")
     count = int(tree.node_count[b])
-    if not 0 <= node < count:
-        raise IndexError(f"node {node} out of range: tree {b} has {count} nodes (0..{count - 1})")
-    if order not in ("visits", "index"):
-        raise ValueError(f"order must be 'visits' or 'index', got {order!r}")
-    for name, value in (("max_depth", max_depth), ("max_children", max_children)):
-        if value is not None and value < (0 if name == "max_depth" else 1):
-            raise ValueError(f"{name} must be {'>= 0' if name == 'max_depth' else '>= 1'} or None, got {value}")
     visits, q = _stats(tree, b)
     texts, critic = tree.texts[b], tree.critic[b]
     on_path = set(principal_variation(tree, b, node))
@@ -146,13 +163,6 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
             parts.append("END")
         return "  ".join(parts)
 
-    def ordered(i: int) -> list[int]:
-        kids = list(tree.children(b, i))
-        if order == "visits":
-            prior = tree.prior[b]
-            kids.sort(key=lambda c: (-visits[c], -prior[c], c))
-        return kids
-
     # depth-first with an explicit stack (trees can be deeper than Python's recursion limit):
     # entries (node, indent of its line, its branch mark) or (summary text, indent, mark)
     stack: list[tuple[int | str, str, str]] = []
@@ -161,7 +171,7 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
                            one_line(texts[node], None if width is None else width - len(prefix))))
 
     def push_children(i: int, indent: str) -> None:
-        kids = ordered(i)
+        kids = _ordered(tree, b, i, order)
         if max_depth is not None and tree.depth[b, i] - base >= max_depth:
             if kids:
                 stack.append((f"… {_count(int(size[i]) - 1, 'node', 'nodes')} below", indent, "└─"))
@@ -190,26 +200,30 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
     return "\n".join(lines)
 
 
-def _shown(tree: Tree, b: int, node: int, max_depth: int | None) -> list[int]:
-    """``node`` and its descendants down to ``max_depth`` levels below it, depth first in tree order."""
+def _shown(tree: Tree, b: int, node: int, max_depth: int | None, order: str) -> list[int]:
+    """``node`` and its descendants down to ``max_depth`` levels below it, depth first, children
+    in ``order`` (see :func:`_ordered`)."""
     base = int(tree.depth[b, node])
     out, stack = [], [node]
     while stack:
         i = stack.pop()
         out.append(i)
         if max_depth is None or tree.depth[b, i] - base < max_depth:
-            stack.extend(reversed(tree.children(b, i)))
+            stack.extend(reversed(_ordered(tree, b, i, order)))
     return out
 
 
-def tree_layout(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None) -> dict[int, tuple]:
+def tree_layout(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None,
+                order: str = "visits") -> dict[int, tuple[float, float]]:
     """Positions for drawing the subtree of ``node`` (down to ``max_depth`` levels below it):
     ``{node: (x, y)}`` with ``y`` = minus the depth below ``node``, the leaves at x = 0, 1, 2...
-    in depth-first tree order, and each parent centred over its first and last child, so that no
-    two edges cross."""
-    shown = _shown(tree, b, node, max_depth)
+    in depth-first order (children most visited first, or in tree order with ``order="index"``,
+    as :func:`format_tree` lists them), and each parent centred over its first and last child, so
+    that no two edges cross."""
+    _check(tree, b, node, max_depth, order)
+    shown = _shown(tree, b, node, max_depth, order)
     kept = set(shown)
-    kids = {i: [c for c in tree.children(b, i) if c in kept] for i in shown}
+    kids = {i: [c for c in _ordered(tree, b, i, order) if c in kept] for i in shown}
     x: dict[int, float] = {}
     for i in shown:  # depth first: the leaves from left to right
         if not kids[i]:
@@ -221,68 +235,85 @@ def tree_layout(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
     return {i: (x[i], float(base - tree.depth[b, i])) for i in shown}
 
 
-def plot_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None, ax=None,
-              labels: bool | None = None, cmap: str = "RdYlGn"):
+def plot_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None,
+              order: str = "visits", ax=None, labels: bool | None = None, cmap: str = "RdYlGn",
+              q_range: tuple[float, float] | None = None):
     """Tree ``b`` (the subtree of ``node``, down to ``max_depth`` levels) drawn with matplotlib on
-    ``ax`` (default: a new pyplot figure), laid out by :func:`tree_layout`: one marker per node,
-    its area growing with the node's visits and its colour its Q (``cmap`` over the Q range of the
-    visited nodes shown, with a colour bar; unvisited nodes grey), terminal steps as squares with a
-    black edge; the principal variation's edges drawn dark and thick. ``labels``: each node's step
-    text (cut to 14 columns) beside it; by default when at most 40 nodes are shown. Returns the
-    Axes."""
+    ``ax`` (default: a new pyplot figure), laid out by :func:`tree_layout`: one marker per node, its
+    area growing with the node's visits and its colour its Q on ``cmap`` with a colour bar (over
+    ``q_range``; by default from 0 to 1, widened to the Q of the nodes shown, so that one colour
+    means one Q in every plot of rewards in [0, 1]; nodes without a Q grey), terminal steps as
+    squares with a black edge, ``+k`` under a node whose ``k`` descendants ``max_depth`` hides; the
+    principal variation's edges drawn dark and thick. ``labels``: each node's step text (cut to 14
+    columns) beside it, taken as it is (never as mathtext); by default when at most 40 nodes are
+    shown. Returns the Axes."""
     import matplotlib.pyplot as plt
+
+    pos = tree_layout(tree, b, node=node, max_depth=max_depth, order=order)
+    made = ax is None
+    if made:
+        width = 1 + max(x for x, _ in pos.values())
+        height = 1 - min(y for _, y in pos.values())
+        show = labels or (labels is None and len(pos) <= 40)
+        _, ax = plt.subplots(figsize=(min(4 + (0.6 if show else 0.3) * width, 24), min(2 + 0.9 * height, 24)))
+    try:
+        _draw(tree, b, node, pos, ax, labels, cmap, q_range)
+    except BaseException:
+        if made:
+            plt.close(ax.figure)
+        raise
+    return ax
+
+
+def _draw(tree: Tree, b: int, node: int, pos: dict, ax, labels, cmap, q_range) -> None:
+    """:func:`plot_tree`'s drawing on ``ax``."""
+    from matplotlib.cm import ScalarMappable
     from matplotlib.collections import LineCollection
     from matplotlib.colors import Normalize
 
-    if not 0 <= node < int(tree.node_count[b]):
-        raise IndexError(f"node {node} out of range: tree {b} has {int(tree.node_count[b])} nodes")
-    pos = tree_layout(tree, b, node=node, max_depth=max_depth)
     shown = list(pos)
     visits, q = _stats(tree, b)
-    show_labels = labels or (labels is None and len(shown) <= 40)
-    if ax is None:
-        leaves = 1 + max(x for x, _ in pos.values())
-        _, ax = plt.subplots(figsize=(min(4 + (0.6 if show_labels else 0.3) * leaves, 24),
-                                      2 + 0.9 * (1 - min(y for _, y in pos.values()))))
     pv = set(principal_variation(tree, b, node))
-    edges = [(i, int(tree.parent[b, i])) for i in shown if i != node]
-    ax.add_collection(LineCollection([(pos[p], pos[i]) for i, p in edges if not (i in pv and p in pv)],
-                                     colors="0.75", linewidths=1, zorder=1))
-    ax.add_collection(LineCollection([(pos[p], pos[i]) for i, p in edges if i in pv and p in pv],
-                                     colors="0.15", linewidths=2.5, zorder=1, label="most visited path"))
-    visited = [i for i in shown if visits[i] > 0]
-    lo, hi = (min(q[visited]), max(q[visited])) if visited else (0.0, 1.0)
-    norm = Normalize(lo, hi if hi > lo else lo + 1)
+    edges = [(pos[int(tree.parent[b, i])], pos[i], i in pv) for i in shown if i != node]
+    ax.add_collection(LineCollection([(p, c) for p, c, on in edges if not on], colors="0.75", linewidths=1,
+                                     zorder=1))
+    ax.add_collection(LineCollection([(p, c) for p, c, on in edges if on], colors="0.15", linewidths=2.5, zorder=1,
+                                     label="most visited path"))
+    valued = [i for i in shown if visits[i] > 0 and np.isfinite(q[i])]
+    if q_range is None:
+        q_range = (min([0.0, *q[valued].tolist()]), max([1.0, *q[valued].tolist()]))
+    norm = Normalize(*q_range)
     top = max(1, int(visits[shown].max()))
     for terminal, marker in ((False, "o"), (True, "s")):
         group = [i for i in shown if bool(tree.terminal[b, i]) == terminal]
-        if not group:
-            continue
-        seen = [i for i in group if visits[i] > 0]
-        unseen = [i for i in group if visits[i] == 0]
-        size = lambda ids: [30 + 270 * np.sqrt(visits[i] / top) for i in ids]  # noqa: E731
-        edge = "black" if terminal else "none"
-        if seen:
-            ax.scatter([pos[i][0] for i in seen], [pos[i][1] for i in seen], s=size(seen), c=q[seen],
-                                cmap=cmap, norm=norm, marker=marker, edgecolors=edge, zorder=2)
-        if unseen:
-            ax.scatter([pos[i][0] for i in unseen], [pos[i][1] for i in unseen], s=size(unseen), c="0.85",
-                       marker=marker, edgecolors=edge, zorder=2)
-    if visited:
-        ax.figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="Q", shrink=0.8)
-    if show_labels:
+        for coloured in (True, False):
+            ids = [i for i in group if (i in valued) == coloured]
+            if not ids:
+                continue
+            colour = {"c": q[ids], "cmap": cmap, "norm": norm} if coloured else {"c": "0.85"}
+            ax.scatter([pos[i][0] for i in ids], [pos[i][1] for i in ids], s=30 + 270 * np.sqrt(visits[ids] / top),
+                       marker=marker, edgecolors="black" if terminal else "none", zorder=2, **colour)
+    ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="Q", shrink=0.8)
+    size = _subtree_sizes(tree, b)
+    for i in shown:
+        hidden = int(size[i]) - 1 - sum(int(size[c]) for c in tree.children(b, i) if c in pos)
+        if tree.num_children[b, i] and hidden:
+            ax.annotate(f"+{hidden}", pos[i], xytext=(-6, -6), textcoords="offset points", fontsize=7, color="0.4",
+                        ha="right", va="top", zorder=3)
+    if labels or (labels is None and len(shown) <= 40):
         for i in shown:
             if i != ROOT_INDEX:
                 ax.annotate(one_line(tree.texts[b][i], 14), pos[i], xytext=(5, -5), textcoords="offset points",
-                            fontsize=7, rotation=-35, rotation_mode="anchor", ha="left", va="top", zorder=3)
+                            fontsize=7, rotation=-35, rotation_mode="anchor", ha="left", va="top", zorder=3,
+                            parse_math=False, bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none",
+                                                    "alpha": 0.75})
     meta = tree.meta[b] or {}
-    ax.set_title(f"tree {b}" + (f" · {one_line(str(meta['task_id']), 60)}" if meta.get("task_id") is not None
-                                else "") + f" · {len(shown)} of {int(tree.node_count[b])} nodes", fontsize=9)
+    task = f" · {one_line(str(meta['task_id']), 60)}" if meta.get("task_id") is not None else ""
+    ax.set_title(f"tree {b}{task} · {len(shown)} of {int(tree.node_count[b])} nodes", fontsize=9, parse_math=False)
     ax.set_ylabel("depth")
-    depths = sorted({int(-y) for _, y in pos.values()})
     base = int(tree.depth[b, node])
+    depths = sorted({int(-y) for _, y in pos.values()})
     ax.set_yticks([-d for d in depths], [str(base + d) for d in depths])
     ax.set_xticks([])
-    ax.margins(0.08)
+    ax.margins(x=0.06, y=0.2)  # room for the texts below the last row
     ax.autoscale_view()
-    return ax

@@ -87,7 +87,7 @@ def test_principal_variation_breaks_ties_as_the_step_commit_does():
 
 def test_one_line_neutralises_control_characters_and_counts_columns():
     assert one_line("a\tb\x1b[2Jc\x07\r\nd\n") == "a b\\x1b[2Jc\\x07⏎d"
-    assert one_line("") == '""' and one_line("\n") == '""'
+    assert one_line("") == '""' and one_line("\n") == '""' and one_line("a\r\n") == "a"
     wide = "数" * 20  # two columns each
     cut = one_line(wide, 11)
     assert cut == "数" * 5 + "…" and one_line(wide, 40) == wide
@@ -122,13 +122,20 @@ def test_bad_arguments_say_what_is_allowed():
 
 
 def test_tree_layout_puts_leaves_in_order_and_parents_over_their_children():
-    assert tree_layout(built()) == {0: (1.5, 0.0), 1: (0.0, -1.0), 2: (1.5, -1.0), 4: (1.0, -2.0),
-                                    5: (2.0, -2.0), 3: (3.0, -1.0)}
-    assert tree_layout(built(), max_depth=1) == {0: (1.0, 0.0), 1: (0.0, -1.0), 2: (1.0, -1.0), 3: (2.0, -1.0)}
+    # most visited first, as format_tree lists them: b (d, e), a, c
+    assert tree_layout(built()) == {0: (1.75, 0.0), 2: (0.5, -1.0), 4: (0.0, -2.0), 5: (1.0, -2.0),
+                                    1: (2.0, -1.0), 3: (3.0, -1.0)}
+    assert tree_layout(built(), order="index") == {0: (1.5, 0.0), 1: (0.0, -1.0), 2: (1.5, -1.0), 4: (1.0, -2.0),
+                                                   5: (2.0, -2.0), 3: (3.0, -1.0)}
+    assert tree_layout(built(), max_depth=1) == {0: (1.0, 0.0), 2: (0.0, -1.0), 1: (1.0, -1.0), 3: (2.0, -1.0)}
     assert tree_layout(built(), node=2) == {2: (0.5, 0.0), 4: (0.0, -1.0), 5: (1.0, -1.0)}
+    with pytest.raises(ValueError, match="max_depth must be >= 0"):
+        tree_layout(built(), max_depth=-1)
+    with pytest.raises(IndexError, match="tree -1 out of range"):
+        tree_layout(built(), -1)
 
 
-def test_plot_tree_draws_every_node_edge_and_the_most_visited_path(tmp_path):
+def test_plot_tree_draws_every_node_edge_and_colour_where_it_says(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,20 +143,38 @@ def test_plot_tree_draws_every_node_edge_and_the_most_visited_path(tmp_path):
     from matplotlib.collections import LineCollection, PathCollection
 
     tree = built()
+    pos = tree_layout(tree)
     ax = plot_tree(tree)
-    points = [c for c in ax.collections if isinstance(c, PathCollection)]
-    drawn = sorted(tuple(map(float, xy)) for c in points for xy in c.get_offsets())
-    assert drawn == sorted(tree_layout(tree).values())
-    lines = [c for c in ax.collections if isinstance(c, LineCollection)]
-    assert sorted(len(c.get_segments()) for c in lines) == [2, 3]  # 5 edges, 2 of them the most visited path
-    thick = next(c for c in lines if c.get_label() == "most visited path")
-    assert sorted(tuple(map(tuple, seg.tolist())) for seg in thick.get_segments()) == [
-        ((1.5, -1.0), (1.0, -2.0)), ((1.5, 0.0), (1.5, -1.0))]
+    ax.figure.canvas.draw()  # colours are mapped when drawn
+    points = {tuple(map(float, xy)): (c, k) for c in ax.collections if isinstance(c, PathCollection)
+              for k, xy in enumerate(c.get_offsets())}
+    assert sorted(points) == sorted(pos.values())
+    lines = {c.get_label(): sorted(tuple(map(tuple, seg.tolist())) for seg in c.get_segments())
+             for c in ax.collections if isinstance(c, LineCollection)}
+    thick = lines.pop("most visited path")
+    assert thick == sorted([(pos[0], pos[2]), (pos[2], pos[4])])
+    assert list(lines.values()) == [sorted([(pos[0], pos[1]), (pos[0], pos[3]), (pos[2], pos[5])])]
+    cmap = matplotlib.colormaps["RdYlGn"]
+    for node, q in [(0, 0.75), (1, 0.5), (4, 1.0), (5, 0.0)]:  # colours on the fixed 0..1 scale
+        col, k = points[pos[node]]
+        assert np.allclose(col.get_facecolors()[k], cmap(q)), node
+    col, k = points[pos[3]]  # the unvisited child: grey, smallest
+    assert col.get_array() is None and np.allclose(col.get_facecolors()[0][:3], 0.85)
+    sizes = {node: points[pos[node]][0].get_sizes()[points[pos[node]][1]] for node in (0, 1, 3)}
+    assert sizes == pytest.approx({0: 300.0, 1: 30 + 270 * np.sqrt(2 / 6), 3: 30.0})
     assert sorted(t.get_text() for t in ax.texts) == ["#### 5", "a", "b", "c", "x⏎y"]
-    grey = [c for c in points if len(c.get_offsets()) == 1 and tuple(c.get_offsets()[0]) == (3.0, -1.0)]
-    assert len(grey) == 1 and grey[0].get_array() is None  # the unvisited child: a fixed grey, not a Q colour
     ax.figure.savefig(tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plt.close("all")
-    assert len(plot_tree(tree, max_depth=1, labels=False).texts) == 0
+    cut = plot_tree(tree, max_depth=1, labels=False)
+    assert [t.get_text() for t in cut.texts] == ["+2"]  # b's two children, hidden
+    sub = plot_tree(tree, node=2)
+    assert [t.get_text() for t in sub.get_yticklabels()] == ["1", "2"] and list(sub.get_yticks()) == [0, -1]
+    assert "3 of 6 nodes" in sub.get_title()
+    tree.texts[0][1] = "cost $5 + $6"  # drawn as it is, never as mathtext
+    label = next(t for t in plot_tree(tree).texts if "cost" in t.get_text())
+    assert label.get_text() == "cost $5 + $6" and label.get_parse_math() is False
     plt.close("all")
+    with pytest.raises(ValueError):
+        plot_tree(tree, cmap="no-such-map")
+    assert plt.get_fignums() == []  # the figure it made is closed
