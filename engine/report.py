@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from engine.run_dir import write_json
+from engine.run_dir import save_figure, write_json
 
 __all__ = ["finish_run", "level_name"]
 
@@ -66,7 +66,7 @@ def _plot(run: Path, rows: list[dict]) -> None:
     b.set_xlabel("iteration")
     b.set_ylabel("pairs")
     fig.tight_layout()
-    tmp = run / ".curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(run / "curves.png")
+    try:
+        save_figure(fig, run / "curves.png", dpi=100)
+    finally:
+        plt.close(fig)

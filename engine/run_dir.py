@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -39,8 +40,8 @@ from pathlib import Path
 
 from engine.errors import UsageError
 
-__all__ = ["RunLock", "atomic_write_text", "disk_full_guard", "write_json", "write_jsonl",
-           "read_json", "read_jsonl", "file_sha256", "save_model_atomic", "tree_checksums"]
+__all__ = ["RunLock", "atomic_write_bytes", "atomic_write_text", "disk_full_guard", "write_json", "write_jsonl",
+           "read_json", "read_jsonl", "file_sha256", "save_figure", "save_model_atomic", "tree_checksums"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -79,15 +80,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, fsync, rename:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, rename:
     readers see the old file or the new one, never a partial one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -100,6 +101,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for ``text`` (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kw) -> None:
+    """Save matplotlib figure ``fig`` to ``path`` (its format from the suffix) as
+    :func:`atomic_write_bytes` writes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix[1:].lower(), **savefig_kw)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

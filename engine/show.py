@@ -65,6 +65,11 @@ def load_trees(run: str | Path, iteration: int | None = None):
     """The search trees of ``iteration`` (default: the latest searched) of run directory ``run``, as
     one :class:`search.Tree` batch (tree ``b``'s task in ``tree.meta[b]``); a :class:`UsageError`
     saying what is there when they are not."""
+    return _load(run, iteration)[0]
+
+
+def _load(run: str | Path, iteration: int | None):
+    """:func:`load_trees`, and the iteration it loaded."""
     from engine.run_dir import read_json
     from search import trees_from_dicts
 
@@ -89,7 +94,7 @@ def load_trees(run: str | Path, iteration: int | None = None):
         raise UsageError(f"{file} holds no trees (an empty list); restore it from a backup or search that "
                          "iteration again")
     try:
-        return trees_from_dicts(data)
+        return trees_from_dicts(data), iteration
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise UsageError(f"{file} does not hold search trees ({type(exc).__name__}: {exc}); "
                          "restore it from a backup or search that iteration again") from None
@@ -144,16 +149,13 @@ def _plot(tree, b: int, depth: int | None, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from engine.run_dir import save_figure
     from search import plot_tree
 
     ax = plot_tree(tree, b, max_depth=depth)
-    file = Path(path)
-    tmp = file.with_name(f".{file.name}.tmp")
     try:
-        ax.figure.savefig(tmp, format=file.suffix.lower()[1:], dpi=110, bbox_inches="tight")
-        tmp.replace(file)
+        save_figure(ax.figure, path, dpi=110, bbox_inches="tight")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"--plot {path}: cannot write it ({exc.strerror or exc})") from None
     finally:
         plt.close(ax.figure)
@@ -204,8 +206,7 @@ def show(args: ShowArgs, console) -> int:
         _check_plot_path(args.plot)
     if args.width is not None or not console.is_terminal:
         console = Console(width=args.width or 160, file=console.file)
-    tree = load_trees(args.run, args.iteration)
-    iteration = args.iteration or searched_iterations(args.run)[-1]
+    tree, iteration = _load(args.run, args.iteration)
     if args.task is not None:
         b = _find_task(tree, args.task, args.run, iteration)
         console.print(Text(f"iteration {iteration}"))
