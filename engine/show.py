@@ -161,6 +161,39 @@ def _plot(tree, b: int, depth: int | None, path: str) -> None:
         plt.close(ax.figure)
 
 
+def _pairs(run, iteration: int) -> list[dict] | None:
+    """The pairs extracted from ``iteration``'s trees (its pairs.jsonl), None before extraction."""
+    from engine.run_dir import read_jsonl
+
+    file = Path(run) / f"iter_{iteration:03d}" / "pairs.jsonl"
+    return read_jsonl(file) if file.is_file() else None
+
+
+def _pair_marks(tree, b: int, pairs: list[dict]) -> tuple[dict[int, str], int]:
+    """Per child of tree ``b``: ``▲k`` / ``▼k``, chosen / rejected in k of ``pairs`` (the records
+    of its task: at node ``node_id``, the first child with the chosen or rejected text, as
+    extraction counts repeated texts); and the number of pairs found in the tree."""
+    task = (tree.meta[b] or {}).get("task_id")
+    counts: dict[int, list[int]] = {}
+    found = 0
+    for rec in pairs:
+        if rec.get("task_id") != task or not isinstance(rec.get("node_id"), int):
+            continue
+        node = rec["node_id"]
+        if not 0 <= node < tree.node_count[b]:
+            continue
+        kids = {}
+        for c in tree.children(b, node):
+            kids.setdefault(tree.texts[b][c], c)
+        w, l_ = kids.get(rec.get("chosen")), kids.get(rec.get("rejected"))
+        if w is None or l_ is None:
+            continue
+        found += 1
+        counts.setdefault(w, [0, 0])[0] += 1
+        counts.setdefault(l_, [0, 0])[1] += 1
+    return {c: " ".join(f"{sym}{n}" for sym, n in zip("▲▼", ab) if n) for c, ab in counts.items()}, found
+
+
 def _run_min_q_gap(run) -> float:
     """The run's ``--min-q-gap`` (from its config.json; the default where it has none)."""
     import json
@@ -209,24 +242,33 @@ def show(args: ShowArgs, console) -> int:
     tree, iteration = _load(args.run, args.iteration)
     if args.task is not None:
         b = _find_task(tree, args.task, args.run, iteration)
-        console.print(Text(f"iteration {iteration}"))
+        pairs = _pairs(args.run, iteration)
+        marks, found = _pair_marks(tree, b, pairs) if pairs else ({}, 0)
+        console.print(Text(f"iteration {iteration}" + ("" if pairs is None else
+                                                      f"; ▲k / ▼k: chosen / rejected in k of the {found} pairs "
+                                                      f"extracted from this tree")))
         console.print(Text(format_tree(tree, b, max_depth=args.depth, max_children=args.children,
-                                       order=args.order or "visits", width=console.width)), soft_wrap=True)
+                                       order=args.order or "visits", width=console.width, marks=marks)),
+                      soft_wrap=True)
         if args.plot is not None:
             _plot(tree, b, args.depth, args.plot)
             console.print(Text(f"wrote {args.plot}"))
         return 0
+    pairs = _pairs(args.run, iteration)
     gap = _run_min_q_gap(args.run)
     s = tree_summary(tree, min_q_gap=gap)
     best = [_best_return(tree, b) for b in range(tree.batch_size)]
     console.print(Text(f"{args.run}, iteration {iteration}: {s['trees']} trees, {s['nodes']} nodes, deepest "
                        f"{s['max_depth']}, mean branching {s['mean_branching']:.2f}, pair yield "
                        f"{s['pair_yield']:.1%} (Q gap >= {gap:g}); {sum(r is not None and r > 0 for r in best)} trees "
-                       "with a path of positive return"))
+                       "with a path of positive return" + ("" if pairs is None else f"; {len(pairs)} pairs extracted")))
     if args.limit == 0:
         return 0
+    per_task: dict = {}
+    for rec in pairs or ():
+        per_task[rec.get("task_id")] = per_task.get(rec.get("task_id"), 0) + 1
     table = Table(box=box.SIMPLE_HEAD)
-    for name in ("#", "task", "nodes", "depth", "N", "Q", "best"):
+    for name in ("#", "task", "nodes", "depth", "N", "Q", "best", *(["pairs"] if pairs is not None else [])):
         table.add_column(name, no_wrap=True, justify="left" if name == "task" else "right")
     table.add_column("ends with", overflow="fold", min_width=8)
     for b in range(min(args.limit, tree.batch_size)):
@@ -235,7 +277,9 @@ def show(args: ShowArgs, console) -> int:
         end = one_line(tree.texts[b][pv[-1]].strip()) if len(pv) > 1 else ""
         table.add_row(str(b), Text(one_line(str((tree.meta[b] or {}).get("task_id", "")))), str(n),
                       str(int(tree.depth[b, :n].max())), str(int(tree.visits[b, 0])), f"{tree.q(b, 0):+.3f}",
-                      "-" if best[b] is None else f"{best[b]:g}", Text(end))
+                      "-" if best[b] is None else f"{best[b]:g}",
+                      *([str(per_task.get((tree.meta[b] or {}).get("task_id"), 0))] if pairs is not None else []),
+                      Text(end))
     console.print(table)
     console.print(Text("best: the highest return of a root-to-end path in the tree (- when none ends there); "
                        "ends with: the last step of the most visited path (marked * by --task)"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -113,7 +114,8 @@ def one_line(text: str, room: int | None = None) -> str:
 
 
 def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int | None = None,
-                max_children: int | None = None, order: str = "visits", width: int | None = 100) -> str:
+                max_children: int | None = None, order: str = "visits", width: int | None = 100,
+                marks: Mapping[int, str] | None = None) -> str:
     """Tree ``b`` (the subtree of ``node``) as text: a header (tree, its ``meta`` task id and
     prompt when it has them, nodes, depth, the root's visits), then one line per node::
 
@@ -127,7 +129,8 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
     ``max_children``: children shown per node (the rest summed up with their visits);
     ``order``: children by ``"visits"`` (most first; ties as :func:`principal_variation`'s, so
     that a marked child comes first) or in tree order (``"index"``); ``width``: terminal columns
-    per line, the texts cut to fit (None: never cut). Texts are shown by :func:`one_line`, so
+    per line, the texts cut to fit (None: never cut); ``marks``: text to add to a node's
+    statistics, by node (e.g. the pairs it is in: ``engine show``). Texts are shown by :func:`one_line`, so
     that no step can send control sequences to the terminal."""
     _check(tree, b, node, max_depth, order)
     if max_children is not None and max_children < 1:
@@ -161,6 +164,8 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
             parts.append(f"C {critic[i]:.2f}")
         if tree.terminal[b, i]:
             parts.append("END")
+        if marks and marks.get(i):
+            parts.append(marks[i])
         return "  ".join(parts)
 
     # depth-first with an explicit stack (trees can be deeper than Python's recursion limit):

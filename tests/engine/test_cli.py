@@ -295,3 +295,36 @@ def test_show_finds_a_task_in_the_iteration_that_searched_it(tmp_path):
     assert out.stdout.splitlines()[-1] == "└─* N 1  Q +1.000  P 1.00  r 1  END  #### 2"
     out = run_cli("show", str(run))
     assert out.returncode == 0 and "iteration 3: 1 trees" in out.stdout and " third " in out.stdout
+
+
+def test_show_marks_the_pairs_extracted_from_a_tree(tmp_path, capsys):
+    from engine.cli import main
+    from search import Tree, extract_pairs, tree_to_dict
+
+    tree = Tree(2)
+    for b, task in enumerate(["t0", "t1"]):
+        tree.meta[b] = {"task_id": task, "prompt": "2+3\n"}
+        a, a2, c = tree.add_children(b, 0, ["a\n", "a\n", "c\n"], [0.4, 0.3, 0.3], [0.0] * 3, [False] * 3)
+        d, e = tree.add_children(b, a, ["d\n", "e\n"], [0.5, 0.5], [1.0, 0.0], [True, True])
+        for node, n, q in [(0, 6, 0.5), (a, 3, 1 / 3), (a2, 1, 1.0), (c, 2, 0.0), (d, 1, 1.0), (e, 2, 0.0)]:
+            tree.visits[b, node], tree.value_sum[b, node] = n, n * q
+    run = tmp_path / "run"
+    (run / "iter_001").mkdir(parents=True)
+    (run / "iter_001" / "trees.json").write_text(json.dumps([tree_to_dict(tree, b) for b in range(2)]))
+    pairs = extract_pairs(tree, prompts=["2+3\n"] * 2, task_ids=["t0", "t1"], mode="all", min_q_gap=0.5)
+    assert len(pairs) == 4  # per tree: a (merged with its repeat, Q 0.5) over c; d over e
+    pairs.append({**pairs[-1], "chosen": "not in the tree\n"})  # no mark: not a pair of this tree's nodes
+    (run / "iter_001" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs if p["task_id"] == "t1"))
+    assert main(["show", str(run), "--task", "t1", "--order", "index"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "iteration 1; ▲k / ▼k: chosen / rejected in k of the 2 pairs extracted from this tree"
+    assert lines[4:] == ["├─* N 3  Q +0.333  P 0.40  ▲1  a",
+                         "│   ├─  N 1  Q +1.000  P 0.50  r 1  END  ▲1  d",
+                         "│   └─* N 2  Q +0.000  P 0.50  END  ▼1  e",
+                         "├─  N 1  Q +1.000  P 0.30  a",
+                         "└─  N 2  Q +0.000  P 0.30  ▼1  c"]
+    assert main(["show", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "; 3 pairs extracted" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert [r[:2] + r[-2:-1] for r in rows] == [["0", "t0", "0"], ["1", "t1", "3"]]  # pairs.jsonl's records

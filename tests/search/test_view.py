@@ -39,6 +39,8 @@ def test_format_tree_exact():
         "├─  N 2  Q +0.500  P 0.50  a",
         "└─  N 0  Q -  P 0.20  c",
     ]
+    marked = format_tree(built(), marks={1: "▲1", 4: "▼2"}).splitlines()
+    assert marked[4].endswith("END  ▼2  #### 5") and marked[6] == "├─  N 2  Q +0.500  P 0.50  ▲1  a"
     # in tree order, the principal variation still marked
     assert format_tree(built(), order="index").splitlines()[3:6] == [
         "├─  N 2  Q +0.500  P 0.50  a",
