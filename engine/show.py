@@ -245,8 +245,8 @@ def show(args: ShowArgs, console) -> int:
         pairs = _pairs(args.run, iteration)
         marks, found = _pair_marks(tree, b, pairs) if pairs else ({}, 0)
         console.print(Text(f"iteration {iteration}" + ("" if pairs is None else
-                                                      f"; ▲k / ▼k: chosen / rejected in k of the {found} pairs "
-                                                      f"extracted from this tree")))
+                                                      f"; ▲k / ▼k: chosen / rejected in k of the {found} "
+                                                      f"pair{'' if found == 1 else 's'} extracted from this tree")))
         console.print(Text(format_tree(tree, b, max_depth=args.depth, max_children=args.children,
                                        order=args.order or "visits", width=console.width, marks=marks)),
                       soft_wrap=True)
