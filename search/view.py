@@ -130,8 +130,8 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
     ``order``: children by ``"visits"`` (most first; ties as :func:`principal_variation`'s, so
     that a marked child comes first) or in tree order (``"index"``); ``width``: terminal columns
     per line, the texts cut to fit (None: never cut); ``marks``: text to add to a node's
-    statistics, by node (e.g. the pairs it is in: ``engine show``). Texts are shown by :func:`one_line`, so
-    that no step can send control sequences to the terminal."""
+    statistics, by node (e.g. the pairs it is in: ``engine show``). Texts are shown by
+    :func:`one_line`, so that no step can send control sequences to the terminal."""
     _check(tree, b, node, max_depth, order)
     if max_children is not None and max_children < 1:
         raise ValueError(f"max_children must be >= 1 or None, got {max_children}")
@@ -183,14 +183,13 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
             return
         shown = kids if max_children is None else kids[:max_children]
         rest = kids[len(shown):]
-        entries: list[tuple[int | str, str]] = [(c, "") for c in shown]
+        entries: list[int | str] = list(shown)
         if rest:
             hidden = int(sum(size[c] for c in rest))
-            entries.append((f"… {_count(len(rest), 'more child', 'more children')} ({_count(hidden, 'node', 'nodes')}, "
-                            f"{_count(int(sum(visits[c] for c in rest)), 'visit', 'visits')})", ""))
+            entries.append(f"… {_count(len(rest), 'more child', 'more children')} ({_count(hidden, 'node', 'nodes')}, "
+                           f"{_count(int(sum(visits[c] for c in rest)), 'visit', 'visits')})")
         for k in range(len(entries) - 1, -1, -1):  # reversed: the first child pops first
-            last = k == len(entries) - 1
-            stack.append((entries[k][0], indent, "└─" if last else "├─"))
+            stack.append((entries[k], indent, "└─" if k == len(entries) - 1 else "├─"))
 
     push_children(node, "")
     while stack:
