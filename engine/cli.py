@@ -4,6 +4,7 @@
     engine train --resume runs/NAME [--allow-config-change --iterations N]
     engine bootstrap [--seed S]
     engine show runs/NAME [--iteration N] [--task ID] [--depth D] [--children K]
+    engine view runs/NAME [--host 127.0.0.1] [--port 8765]
 
 Option values come from the defaults, then ``--config FILE`` (or, with ``--resume``, the run's own
 config.json), then the flags.
@@ -111,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg, console)
             return 0
         from engine.show import ShowArgs, show
+        from engine.view import ViewArgs, view
 
         args = tyro.extras.subcommand_cli_from_dict(
-            {"train": TrainConfig, "bootstrap": BootstrapArgs, "show": ShowArgs},
+            {"train": TrainConfig, "bootstrap": BootstrapArgs, "show": ShowArgs, "view": ViewArgs},
             prog="engine",
             description="Tree-search preference training for language-model reasoning.",
             args=argv,
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bootstrap(args, console)
         if isinstance(args, ShowArgs):
             return show(args, console)
+        if isinstance(args, ViewArgs):
+            return view(args, console)
         return _fail("use `engine train ...`")
     except UsageError as exc:
         return _fail(str(exc))

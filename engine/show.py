@@ -161,23 +161,34 @@ def _plot(tree, b: int, depth: int | None, path: str) -> None:
         plt.close(ax.figure)
 
 
-def _pairs(run, iteration: int) -> list[dict] | None:
-    """The pairs extracted from ``iteration``'s trees (its pairs.jsonl), None before extraction."""
+def load_pairs(run, iteration: int) -> tuple[list[dict] | None, str]:
+    """The pairs extracted from ``iteration``'s trees (its pairs.jsonl; None before extraction or
+    when unreadable) and what was wrong with the file ("" when nothing): records that are not
+    pairs are left out, and a viewer shows the trees without marks rather than nothing."""
     from engine.run_dir import read_jsonl
 
     file = Path(run) / f"iter_{iteration:03d}" / "pairs.jsonl"
-    return read_jsonl(file) if file.is_file() else None
+    if not file.is_file():
+        return None, ""
+    try:
+        records = read_jsonl(file)
+    except UsageError as exc:
+        return None, f"no pair marks: {exc}"
+    pairs = [r for r in records if isinstance(r, dict) and isinstance(r.get("node_id"), int)
+             and all(isinstance(r.get(k), str) for k in ("task_id", "chosen", "rejected"))]
+    bad = len(records) - len(pairs)
+    return pairs, (f"{file}: {bad} of its {len(records)} lines are not pair records; left out" if bad else "")
 
 
 def _pair_marks(tree, b: int, pairs: list[dict]) -> tuple[dict[int, str], int]:
     """Per child of tree ``b``: ``▲k`` / ``▼k``, chosen / rejected in k of ``pairs`` (the records
     of its task: at node ``node_id``, the first child with the chosen or rejected text, as
     extraction counts repeated texts); and the number of pairs found in the tree."""
-    task = (tree.meta[b] or {}).get("task_id")
+    task = str((tree.meta[b] or {}).get("task_id"))
     counts: dict[int, list[int]] = {}
     found = 0
     for rec in pairs:
-        if rec.get("task_id") != task or not isinstance(rec.get("node_id"), int):
+        if rec["task_id"] != task:
             continue
         node = rec["node_id"]
         if not 0 <= node < tree.node_count[b]:
@@ -185,8 +196,8 @@ def _pair_marks(tree, b: int, pairs: list[dict]) -> tuple[dict[int, str], int]:
         kids = {}
         for c in tree.children(b, node):
             kids.setdefault(tree.texts[b][c], c)
-        w, l_ = kids.get(rec.get("chosen")), kids.get(rec.get("rejected"))
-        if w is None or l_ is None:
+        w, l_ = kids.get(rec["chosen"]), kids.get(rec["rejected"])
+        if w is None or l_ is None or w == l_:
             continue
         found += 1
         counts.setdefault(w, [0, 0])[0] += 1
@@ -220,8 +231,7 @@ def show(args: ShowArgs, console) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from search import format_tree, principal_variation, tree_summary
-    from search.view import one_line
+    from search import format_tree
 
     for name in ("depth", "children", "limit", "iteration"):
         value = getattr(args, name)
@@ -242,11 +252,18 @@ def show(args: ShowArgs, console) -> int:
     tree, iteration = _load(args.run, args.iteration)
     if args.task is not None:
         b = _find_task(tree, args.task, args.run, iteration)
-        pairs = _pairs(args.run, iteration)
+        pairs, problem = load_pairs(args.run, iteration)
         marks, found = _pair_marks(tree, b, pairs) if pairs else ({}, 0)
+        if problem:
+            console.print(Text(f"note: {problem}"))
         console.print(Text(f"iteration {iteration}" + ("" if pairs is None else
                                                       f"; ▲k / ▼k: chosen / rejected in k of the {found} "
                                                       f"pair{'' if found == 1 else 's'} extracted from this tree")))
+        shared = _task_ids(tree).count(_task_ids(tree)[b])
+        if pairs is not None and shared > 1:
+            console.print(Text(f"note: {shared} trees of this iteration searched this task, and pairs.jsonl does not "
+                               "say which tree a pair came from: the marks count every pair of the task that "
+                               "fits this tree's nodes"))
         console.print(Text(format_tree(tree, b, max_depth=args.depth, max_children=args.children,
                                        order=args.order or "visits", width=console.width, marks=marks)),
                       soft_wrap=True)
@@ -254,36 +271,66 @@ def show(args: ShowArgs, console) -> int:
             _plot(tree, b, args.depth, args.plot)
             console.print(Text(f"wrote {args.plot}"))
         return 0
-    pairs = _pairs(args.run, iteration)
-    gap = _run_min_q_gap(args.run)
-    s = tree_summary(tree, min_q_gap=gap)
-    best = [_best_return(tree, b) for b in range(tree.batch_size)]
-    console.print(Text(f"{args.run}, iteration {iteration}: {s['trees']} trees, {s['nodes']} nodes, deepest "
-                       f"{s['max_depth']}, mean branching {s['mean_branching']:.2f}, pair yield "
-                       f"{s['pair_yield']:.1%} (Q gap >= {gap:g}); {sum(r is not None and r > 0 for r in best)} trees "
-                       "with a path of positive return" + ("" if pairs is None else f"; {len(pairs)} pairs extracted")))
+    pairs, problem = load_pairs(args.run, iteration)
+    if problem:
+        console.print(Text(f"note: {problem}"))
+    console.print(Text(f"{args.run}, {summary_line(tree, args.run, iteration, pairs)}"))
     if args.limit == 0:
         return 0
-    per_task: dict = {}
-    for rec in pairs or ():
-        per_task[rec.get("task_id")] = per_task.get(rec.get("task_id"), 0) + 1
+    rows = tree_rows(tree, pairs, args.limit)
     table = Table(box=box.SIMPLE_HEAD)
-    for name in ("#", "task", "nodes", "depth", "N", "Q", "best", *(["pairs"] if pairs is not None else [])):
-        table.add_column(name, no_wrap=True, justify="left" if name == "task" else "right")
-    table.add_column("ends with", overflow="fold", min_width=8)
-    for b in range(min(args.limit, tree.batch_size)):
-        n = int(tree.node_count[b])
-        pv = principal_variation(tree, b)
-        end = one_line(tree.texts[b][pv[-1]].strip()) if len(pv) > 1 else ""
-        table.add_row(str(b), Text(one_line(str((tree.meta[b] or {}).get("task_id", "")))), str(n),
-                      str(int(tree.depth[b, :n].max())), str(int(tree.visits[b, 0])), f"{tree.q(b, 0):+.3f}",
-                      "-" if best[b] is None else f"{best[b]:g}",
-                      *([str(per_task.get((tree.meta[b] or {}).get("task_id"), 0))] if pairs is not None else []),
-                      Text(end))
+    for name in rows[0] if rows else ():
+        table.add_column(name, no_wrap=name != "ends with", overflow="fold",
+                         justify="left" if name in ("task", "ends with") else "right")
+    for row in rows:
+        table.add_row(*(Text(str(v)) for v in row.values()))
     console.print(table)
-    console.print(Text("best: the highest return of a root-to-end path in the tree (- when none ends there); "
-                       "ends with: the last step of the most visited path (marked * by --task)"))
+    console.print(Text(f"{COLUMNS_NOTE} (marked * by --task)"))
     if tree.batch_size > args.limit:
         console.print(Text(f"… {tree.batch_size - args.limit} more (--limit N lists more); "
                            f"engine show {args.run} --task ID shows one tree node by node"))
     return 0
+
+
+COLUMNS_NOTE = ("best: the highest return of a root-to-end path in the tree (- when none ends there); pairs: "
+                "the task's records in pairs.jsonl (*: a task several trees searched, whose pairs they share); "
+                "ends with: the last step of the most visited path")
+
+
+def summary_line(tree, run, iteration: int, pairs: list[dict] | None) -> str:
+    """One line on an iteration's trees: size and shape, pair yield at the run's ``--min-q-gap``,
+    trees with a path of positive return, pairs extracted."""
+    from search import tree_summary
+
+    gap = _run_min_q_gap(run)
+    s = tree_summary(tree, min_q_gap=gap)
+    positive = sum(r is not None and r > 0 for r in (_best_return(tree, b) for b in range(tree.batch_size)))
+    return (f"iteration {iteration}: {s['trees']} trees, {s['nodes']} nodes, deepest {s['max_depth']}, mean branching "
+            f"{s['mean_branching']:.2f}, pair yield {s['pair_yield']:.1%} (Q gap >= {gap:g}); {positive} trees with "
+            "a path of positive return" + ("" if pairs is None else f"; {len(pairs)} pairs extracted"))
+
+
+def tree_rows(tree, pairs: list[dict] | None, limit: int) -> list[dict]:
+    """The first ``limit`` trees' table rows (column name -> value; ``pairs`` only once the
+    iteration's pairs are extracted)."""
+    from search import principal_variation
+    from search.view import one_line
+
+    per_task: dict = {}
+    for rec in pairs or ():
+        per_task[rec["task_id"]] = per_task.get(rec["task_id"], 0) + 1
+    ids = _task_ids(tree)
+    trees_of = {t: ids.count(t) for t in set(ids)} if pairs is not None else {}
+    rows = []
+    for b in range(min(limit, tree.batch_size)):
+        n = int(tree.node_count[b])
+        pv = principal_variation(tree, b)
+        task = ids[b]
+        best = _best_return(tree, b)
+        row = {"#": b, "task": one_line(task), "nodes": n, "depth": int(tree.depth[b, :n].max()),
+               "N": int(tree.visits[b, 0]), "Q": f"{tree.q(b, 0):+.3f}", "best": "-" if best is None else f"{best:g}"}
+        if pairs is not None:
+            row["pairs"] = f"{per_task.get(task, 0)}{'*' if trees_of[task] > 1 else ''}"
+        row["ends with"] = one_line(tree.texts[b][pv[-1]].strip()) if len(pv) > 1 else ""
+        rows.append(row)
+    return rows

@@ -12,6 +12,7 @@ from search.extract import (
     extract_trajectories,
     tree_summary,
 )
+from search.html import TreeView, batch_html, html_page, tree_html
 from search.kernels import (
     PUCT,
     UCT,
@@ -60,6 +61,10 @@ __all__ = [
     "extract_sibling_lists",
     "extract_trajectories",
     "format_tree",
+    "TreeView",
+    "batch_html",
+    "html_page",
+    "tree_html",
     "one_line",
     "plot_tree",
     "principal_variation",

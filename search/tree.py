@@ -104,6 +104,13 @@ class Tree:
                 f"{int(self.visits[:, 0].sum())} simulations, capacity {self.capacity}; "
                 "search.format_tree(tree, b) shows tree b)")
 
+    def _repr_html_(self) -> str:
+        """The batch in a notebook: its first trees, each opening into its nodes
+        (:func:`search.html.batch_html`)."""
+        from search.html import batch_html
+
+        return batch_html(self)
+
     def _ensure_capacity(self, needed: int) -> None:
         cap = self.capacity
         if needed <= cap:
