@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -320,7 +321,7 @@ def tree_rows(tree, pairs: list[dict] | None, limit: int) -> list[dict]:
     for rec in pairs or ():
         per_task[rec["task_id"]] = per_task.get(rec["task_id"], 0) + 1
     ids = _task_ids(tree)
-    trees_of = {t: ids.count(t) for t in set(ids)} if pairs is not None else {}
+    trees_of = Counter(ids)
     rows = []
     for b in range(min(limit, tree.batch_size)):
         n = int(tree.node_count[b])

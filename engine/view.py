@@ -43,8 +43,8 @@ class ViewArgs:
     """Port to listen on (0: any free one)."""
 
 
-_ROUTES = [(re.compile(r"/"), "index"), (re.compile(r"/iteration/(\d+)"), "iteration"),
-           (re.compile(r"/iteration/(\d+)/tree/(\d+)"), "tree")]
+_ROUTES = [(re.compile(r"/"), "index"), (re.compile(r"/iteration/([0-9]{1,9})"), "iteration"),
+           (re.compile(r"/iteration/([0-9]{1,9})/tree/([0-9]{1,9})"), "tree")]
 
 
 class _Pages:
@@ -86,6 +86,8 @@ class _Pages:
                 return 404, self._error(str(exc))
             except LookupError as exc:
                 return 404, self._error(str(exc.args[0]) if exc.args else "not found")
+            except Exception as exc:  # noqa: BLE001 (a page that fails says so; the server goes on)
+                return 500, self._error(f"could not build this page ({type(exc).__name__}: {exc})")
             return 200, html_page(title, self._nav(numbers) + body)
         return 404, self._error(f"no page {path}: see the run's pages from /")
 
@@ -107,9 +109,12 @@ class _Pages:
 
         rows = []
         for it in searched_iterations(self.run):
-            pairs, _ = load_pairs(self.run, it)
-            line = summary_line(self.trees(it), self.run, it, pairs)
-            rows.append(f'<li><a href="/iteration/{it}">iteration {it}</a>: {html.escape(line.split(": ", 1)[1])}</li>')
+            try:
+                pairs, _ = load_pairs(self.run, it)
+                line = summary_line(self.trees(it), self.run, it, pairs).split(": ", 1)[1]
+            except UsageError as exc:  # the other iterations still show
+                line = str(exc)
+            rows.append(f'<li><a href="/iteration/{it}">iteration {it}</a>: {html.escape(line)}</li>')
         if not rows:
             self.trees(1)  # says what the directory holds instead
         return f"{self.run.name}: search trees", f"<h2>{html.escape(str(self.run))}</h2><ul>{''.join(rows)}</ul>"
@@ -133,7 +138,7 @@ class _Pages:
                 f"<p><small>{html.escape(COLUMNS_NOTE)}</small></p>")
 
     def _tree(self, it: int, b: int) -> tuple[str, str]:
-        from engine.show import _pair_marks, load_pairs
+        from engine.show import _pair_marks, _task_ids, load_pairs
         from search import tree_html
 
         tree = self.trees(it)
@@ -146,29 +151,38 @@ class _Pages:
         legend = ("" if pairs is None else f"<p>▲k / ▼k: chosen / rejected in k of the {found} "
                   f"pair{'' if found == 1 else 's'} extracted from this tree.</p>")
         note = f"<p>{html.escape(problem)}</p>" if problem else ""
+        shared = _task_ids(tree).count(_task_ids(tree)[b])
+        if pairs is not None and shared > 1:
+            note += (f"<p>{shared} trees of this iteration searched this task, and pairs.jsonl does not say which tree "
+                     "a pair came from: the marks count every pair of the task that fits this tree's nodes.</p>")
         return (f"{self.run.name}: iteration {it}, tree {b}",
                 f"<p>{around}</p>{note}{legend}{tree_html(tree, b, marks=marks)}")
 
 
 def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) for the pages of run directory ``run``."""
-    from engine.show import _load
+    from engine.show import _load, searched_iterations
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be in 0..65535 (0: any free port), got {port}")
     run = Path(run)
-    _load(run, None)  # a directory without trees is refused before anything listens
+    if not searched_iterations(run):
+        _load(run, None)  # says what the directory holds instead, before anything listens
     pages = _Pages(run)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (the name http.server calls)
+        def do_GET(self, body: bool = True):  # noqa: N802 (the name http.server calls)
             status, document = pages.page(unquote(urlsplit(self.path).path))
             data = document.encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if body:
+                self.wfile.write(data)
+
+        def do_HEAD(self):  # noqa: N802
+            self.do_GET(body=False)
 
         def log_message(self, fmt, *args):  # no line per request
             pass

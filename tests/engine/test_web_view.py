@@ -23,11 +23,14 @@ from search import Tree, extract_pairs, tree_to_dict
 ROOT = Path(__file__).resolve().parents[2]
 
 
+TASKS = ["t0", "t<i>1</i>"]  # markup in a task id stays text
+
+
 def make_run(path: Path) -> Path:
     """A run directory with two searched iterations: 2 hand-built trees each (task ids t0, t1;
     a step text that is markup), and iteration 1's pairs."""
     tree = Tree(2)
-    for b, task in enumerate(["t0", "t1"]):
+    for b, task in enumerate(TASKS):
         tree.meta[b] = {"task_id": task, "prompt": "2+3\n"}
         a, c = tree.add_children(b, 0, ["a\n", "<img src=x onerror=alert(1)>\n"], [0.6, 0.4], [0.0] * 2, [False] * 2)
         d, e = tree.add_children(b, a, ["d\n", "e\n"], [0.5, 0.5], [1.0, 0.0], [True, True])
@@ -36,7 +39,7 @@ def make_run(path: Path) -> Path:
     for it in (1, 2):
         (path / f"iter_{it:03d}").mkdir(parents=True)
         (path / f"iter_{it:03d}" / "trees.json").write_text(json.dumps([tree_to_dict(tree, b) for b in range(2)]))
-    pairs = extract_pairs(tree, prompts=["2+3\n"] * 2, task_ids=["t0", "t1"], min_q_gap=0.5)
+    pairs = extract_pairs(tree, prompts=["2+3\n"] * 2, task_ids=TASKS, min_q_gap=0.5)
     (path / "iter_001" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     (path / "config.json").write_text(json.dumps({"min_q_gap": 0.5}))
     return path
@@ -79,6 +82,7 @@ def test_pages_link_the_run_its_iterations_and_trees(served):
     status, table = get(served + "/iteration/1")
     assert status == 200 and Links(table).links[-2:] == ["/iteration/1/tree/0", "/iteration/1/tree/1"]
     assert table.count("<tr>") == 3  # a header and a row per tree
+    assert "<i>" not in table and "t&lt;i&gt;1&lt;/i&gt;" in table
     status, page = get(served + "/iteration/1/tree/1")
     assert status == 200 and "2 pairs extracted from this tree" in page
     assert '<span class="chosen">▲1</span>' in page and '<span class="rejected">▼1</span>' in page
@@ -91,10 +95,29 @@ def test_pages_link_the_run_its_iterations_and_trees(served):
 @pytest.mark.parametrize("path, needle", [
     ("/iteration/3", "iteration 3 has no search trees"), ("/iteration/1/tree/2", "no tree 2"),
     ("/iteration/1/tree/x", "no page"), ("/../../etc/passwd", "no page"), ("/trees.json", "no page"),
+    ("/iteration/" + "9" * 5000, "no page"), ("/iteration/%D9%A1", "no page"),  # a huge number; a non-ASCII digit
 ])
 def test_anything_else_is_a_404_that_says_why(served, path, needle):
     status, page = get(served + path)
     assert status == 404 and needle in page and "<a href=\"/\">" in page
+
+
+def test_one_unreadable_iteration_leaves_the_others_listed_and_head_requests_work(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "iter_002" / "trees.json").write_text('{"x": 1}')
+    server = make_server(run, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        status, index = get(url + "/")
+        assert status == 200 and "iteration 1</a>: 2 trees" in index and "does not hold search trees" in index
+        assert get(url + "/iteration/2")[0] == 404 and get(url + "/iteration/1/tree/1")[0] == 200
+        head = urllib.request.Request(url + "/iteration/1", method="HEAD")
+        with urllib.request.urlopen(head, timeout=30) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) > 1000 and r.read() == b""
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_directory_without_trees_is_refused_before_listening(tmp_path):
