@@ -206,6 +206,19 @@ def _pair_marks(tree, b: int, pairs: list[dict]) -> tuple[dict[int, str], int]:
     return {c: " ".join(f"{sym}{n}" for sym, n in zip("▲▼", ab) if n) for c, ab in counts.items()}, found
 
 
+def pair_notes(tree, b: int, pairs: list[dict] | None, found: int) -> tuple[str, str]:
+    """What the pair marks of tree ``b`` mean (``found`` pairs extracted from it), and a note when
+    several trees of the iteration searched its task; "" for each that does not apply."""
+    if pairs is None:
+        return "", ""
+    legend = f"▲k / ▼k: chosen / rejected in k of the {found} pair{'' if found == 1 else 's'} extracted from this tree"
+    ids = _task_ids(tree)
+    shared = ids.count(ids[b])
+    note = (f"{shared} trees of this iteration searched this task, and pairs.jsonl does not say which tree a pair came "
+            "from: the marks count every pair of the task that fits this tree's nodes") if shared > 1 else ""
+    return legend, note
+
+
 def _run_min_q_gap(run) -> float:
     """The run's ``--min-q-gap`` (from its config.json; the default where it has none)."""
     import json
@@ -257,14 +270,10 @@ def show(args: ShowArgs, console) -> int:
         marks, found = _pair_marks(tree, b, pairs) if pairs else ({}, 0)
         if problem:
             console.print(Text(f"note: {problem}"))
-        console.print(Text(f"iteration {iteration}" + ("" if pairs is None else
-                                                      f"; ▲k / ▼k: chosen / rejected in k of the {found} "
-                                                      f"pair{'' if found == 1 else 's'} extracted from this tree")))
-        shared = _task_ids(tree).count(_task_ids(tree)[b])
-        if pairs is not None and shared > 1:
-            console.print(Text(f"note: {shared} trees of this iteration searched this task, and pairs.jsonl does not "
-                               "say which tree a pair came from: the marks count every pair of the task that "
-                               "fits this tree's nodes"))
+        legend, shared = pair_notes(tree, b, pairs, found)
+        console.print(Text(f"iteration {iteration}" + (f"; {legend}" if legend else "")))
+        if shared:
+            console.print(Text(f"note: {shared}"))
         console.print(Text(format_tree(tree, b, max_depth=args.depth, max_children=args.children,
                                        order=args.order or "visits", width=console.width, marks=marks)),
                       soft_wrap=True)

@@ -105,7 +105,7 @@ class _Pages:
         return f'<nav style="margin-bottom:.8em">{" › ".join(links)}</nav>'
 
     def _index(self) -> tuple[str, str]:
-        from engine.show import load_pairs, searched_iterations, summary_line
+        from engine.show import _load, load_pairs, searched_iterations, summary_line
 
         rows = []
         for it in searched_iterations(self.run):
@@ -115,8 +115,8 @@ class _Pages:
             except UsageError as exc:  # the other iterations still show
                 line = str(exc)
             rows.append(f'<li><a href="/iteration/{it}">iteration {it}</a>: {html.escape(line)}</li>')
-        if not rows:
-            self.trees(1)  # says what the directory holds instead
+        if not rows:  # the trees went away while serving: say what the directory holds now
+            _load(self.run, None)
         return f"{self.run.name}: search trees", f"<h2>{html.escape(str(self.run))}</h2><ul>{''.join(rows)}</ul>"
 
     def _iteration(self, it: int) -> tuple[str, str]:
@@ -138,7 +138,7 @@ class _Pages:
                 f"<p><small>{html.escape(COLUMNS_NOTE)}</small></p>")
 
     def _tree(self, it: int, b: int) -> tuple[str, str]:
-        from engine.show import _pair_marks, _task_ids, load_pairs
+        from engine.show import _pair_marks, load_pairs, pair_notes
         from search import tree_html
 
         tree = self.trees(it)
@@ -148,15 +148,9 @@ class _Pages:
         marks, found = _pair_marks(tree, b, pairs) if pairs else ({}, 0)
         around = " · ".join(f'<a href="/iteration/{it}/tree/{k}">{label}</a>' for k, label in
                             ((b - 1, "previous tree"), (b + 1, "next tree")) if 0 <= k < tree.batch_size)
-        legend = ("" if pairs is None else f"<p>▲k / ▼k: chosen / rejected in k of the {found} "
-                  f"pair{'' if found == 1 else 's'} extracted from this tree.</p>")
-        note = f"<p>{html.escape(problem)}</p>" if problem else ""
-        shared = _task_ids(tree).count(_task_ids(tree)[b])
-        if pairs is not None and shared > 1:
-            note += (f"<p>{shared} trees of this iteration searched this task, and pairs.jsonl does not say which tree "
-                     "a pair came from: the marks count every pair of the task that fits this tree's nodes.</p>")
+        notes = "".join(f"<p>{html.escape(t)}.</p>" for t in (problem, *pair_notes(tree, b, pairs, found)) if t)
         return (f"{self.run.name}: iteration {it}, tree {b}",
-                f"<p>{around}</p>{note}{legend}{tree_html(tree, b, marks=marks)}")
+                f"<p>{around}</p>{notes}{tree_html(tree, b, marks=marks)}")
 
 
 def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:

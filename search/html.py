@@ -11,7 +11,16 @@ from collections.abc import Mapping
 import numpy as np
 
 from search.tree import ROOT_INDEX, Tree
-from search.view import _check, _ordered, _stats, _subtree_sizes, format_tree, one_line, principal_variation
+from search.view import (
+    _check,
+    _ordered,
+    _stats,
+    _subtree_sizes,
+    format_tree,
+    one_line,
+    principal_variation,
+    tree_heading,
+)
 
 __all__ = ["STYLE", "TreeView", "batch_html", "html_page", "q_colour", "tree_html"]
 
@@ -98,9 +107,8 @@ def tree_html(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: int 
 
     out: list[str] = []
     meta = tree.meta[b] or {}
-    deepest = int(tree.depth[b, :count].max()) if count else 0
-    head = f"tree {b}" + (f" · {one_line(str(meta['task_id']))}" if meta.get("task_id") is not None else "")
-    head += f" · {count} nodes, depth {deepest}, {int(visits[ROOT_INDEX])} simulations"
+    head = (tree_heading(tree, b) + f" · {count} nodes, depth {int(tree.depth[b, :count].max())}, "
+            f"{int(visits[ROOT_INDEX])} simulations")
     out.append(f'<div class="st-tree"><div class="head"><b>{esc(head)}</b>')
     if node != ROOT_INDEX:
         out.append(f"<br>subtree of node {node} (depth {base})")
@@ -150,9 +158,7 @@ def batch_html(tree: Tree, *, limit: int = 20, open_first: bool = False, **kw) -
     parts = [f'<div class="st-tree"><div class="head"><b>{tree.batch_size} trees, {int(tree.node_count.sum())} '
              f"nodes, {int(tree.visits[:, ROOT_INDEX].sum())} simulations</b></div></div>"]
     for b in range(min(limit, tree.batch_size)):
-        meta = tree.meta[b] or {}
-        title = f"tree {b}" + (f" · {one_line(str(meta['task_id']))}" if meta.get("task_id") is not None else "")
-        title += f" · {int(tree.node_count[b])} nodes · Q {tree.q(b, ROOT_INDEX):+.3f}"
+        title = f"{tree_heading(tree, b)} · {int(tree.node_count[b])} nodes · Q {tree.q(b, ROOT_INDEX):+.3f}"
         parts.append(f'<details{" open" if open_first and b == 0 else ""}><summary>{html.escape(title)}</summary>'
                      f"{tree_html(tree, b, **kw)}</details>")
     if tree.batch_size > limit:

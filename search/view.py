@@ -82,6 +82,12 @@ def _ordered(tree: Tree, b: int, node: int, order: str) -> list[int]:
     return kids
 
 
+def tree_heading(tree: Tree, b: int) -> str:
+    """``tree b``, with its ``meta`` task id when it has one (on one line)."""
+    task = (tree.meta[b] or {}).get("task_id")
+    return f"tree {b}" + (f" · {one_line(str(task))}" if task is not None else "")
+
+
 def _count(k: int, one: str, many: str) -> str:
     return f"{k} {one if k == 1 else many}"
 
@@ -143,12 +149,8 @@ def format_tree(tree: Tree, b: int = 0, *, node: int = ROOT_INDEX, max_depth: in
     base = int(tree.depth[b, node])
     meta = tree.meta[b] or {}
 
-    head = f"tree {b}"
-    if meta.get("task_id") is not None:
-        head += f" · {one_line(str(meta['task_id']))}"
-    deepest = int(tree.depth[b, :count].max()) if count else 0
-    head += f" · {count} nodes, depth {deepest}, {int(visits[ROOT_INDEX])} simulations"
-    lines = [head]
+    lines = [tree_heading(tree, b) + f" · {count} nodes, depth {int(tree.depth[b, :count].max())}, "
+             f"{int(visits[ROOT_INDEX])} simulations"]
     if node != ROOT_INDEX:
         lines.append(f"subtree of node {node} (depth {base})")
     if isinstance(meta.get("prompt"), str):
